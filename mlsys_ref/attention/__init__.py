@@ -1,0 +1,1 @@
+"""Attention: reference attention, online softmax, FlashAttention (PyTorch and Triton), flash-decoding."""

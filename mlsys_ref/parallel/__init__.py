@@ -1,0 +1,1 @@
+"""Parallelism on torch.distributed: tensor parallel, pipeline schedules and ZeRO."""

@@ -1,0 +1,1 @@
+"""Serving: a Llama-style model, paged KV cache, continuous batching and speculative decoding."""
