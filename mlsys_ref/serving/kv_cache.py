@@ -275,6 +275,8 @@ class BlockManager:
                 seq.block_table[index] = new
                 self._pending_copies.append((old, new))
                 self._log(f"copy-on-write seq {seq_id}: block {old} -> {new}")
+            elif self.blocks[old].hash is not None:  # ours alone, named (after a truncate), about to change
+                self._unname(self.blocks[old])
         seq.token_ids.append(int(token_id))
 
     def copy_on_write_pending(self) -> list[tuple[int, int]]:
@@ -334,10 +336,6 @@ class BlockManager:
         del seq.block_table[keep:], seq.token_ids[num_tokens:]
         seq.num_computed = min(seq.num_computed, num_tokens)
         del seq.hashes[num_tokens // self.block_size:]
-        if num_tokens % self.block_size and keep:
-            last = self.blocks[seq.block_table[-1]]
-            if last.hash is not None and last.ref_count == 1:  # ours alone and about to change: unname it
-                self._unname(last)
         self._log(f"truncate seq {seq_id} to {num_tokens} tokens")
 
     def fork(self, parent_id, child_id) -> None:
@@ -345,6 +343,8 @@ class BlockManager:
         parent = self._seq(parent_id)
         if child_id in self.seqs:
             raise ValueError(f"seq_id {child_id!r} is already allocated")
+        if parent.num_computed < len(parent.token_ids):  # else both would write the same shared slots
+            raise ValueError(f"fork {parent_id!r} only once its KV is computed (mark_computed)")
         for block_id in parent.block_table:
             self.blocks[block_id].ref_count += 1
         self.seqs[child_id] = _Sequence(list(parent.block_table), list(parent.token_ids), parent.num_computed, list(parent.hashes))
