@@ -1,0 +1,171 @@
+"""Engine: continuous batching over the paged cache gives, token for token, what each request gets alone
+through the reference ``generate()`` -- with random arrivals, chunked prefills, shared prefixes and
+preemption -- and leaks no block. Plus sampling seeds, aborts, bad requests and streaming."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlsys_ref.backend import default_device
+from mlsys_ref.serving.engine import Engine
+from mlsys_ref.serving.generate import generate
+from mlsys_ref.serving.model import Llama, LlamaConfig
+from mlsys_ref.serving.sampling import SamplingParams
+
+# the Triton interpreter is slow: a handful of examples whatever the profile
+MAX_EXAMPLES = min(settings().max_examples, 6)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Llama.random(LlamaConfig.tiny(), seed=3).to(default_device())
+
+
+def reference(model, prompt, params):
+    stops = list(params.stop_token_ids) + ([] if params.ignore_eos else [model.config.eos_token_id])
+    return generate(model, prompt, params.max_tokens, stop_token_ids=stops)
+
+
+def assert_no_leak(engine):
+    bm = engine.block_manager
+    bm.check_invariants()
+    assert not bm.seqs and bm.stats()["used_blocks"] == 0, bm.describe()
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def run_with_arrivals(engine, prompts, params, arrivals):
+    """Add request i at step arrivals[i]; step until all finish. Returns {request index: streamed tokens}."""
+    streamed, ids, step = {}, {}, 0
+    while len(ids) < len(prompts) or engine.has_unfinished():
+        for i, arrival in enumerate(arrivals):
+            if arrival == step:
+                ids[engine.add_request(prompts[i], params[i])] = i
+        for out in engine.step():
+            streamed.setdefault(ids[out.request_id], []).extend(out.token_ids)
+        step += 1
+        assert step < 2000
+    return streamed, ids
+
+
+@settings(max_examples=MAX_EXAMPLES)
+@given(st.data())
+def test_concurrent_greedy_matches_reference(model, data):
+    rng = random.Random(data.draw(st.integers(0, 2**16), label="seed"))
+    prefixes = [[rng.randrange(97) for _ in range(rng.randrange(4, 20))] for _ in range(2)]
+    n = data.draw(st.integers(2, 6), label="requests")
+    prompts = [rng.choice(prefixes)[: rng.randrange(0, 20)] + [rng.randrange(97) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randrange(1, 9)) for _ in range(n)]
+    arrivals = [rng.randrange(0, 5) for _ in range(n)]
+    block_size = data.draw(st.sampled_from([8, 16]), label="block_size")
+    largest = max(-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, params))
+    num_blocks = data.draw(st.integers(largest, 3 * largest + 4), label="num_blocks")
+    engine = Engine(model, num_blocks=num_blocks, block_size=block_size,
+                    max_num_seqs=data.draw(st.integers(1, 4), label="max_num_seqs"),
+                    max_num_batched_tokens=data.draw(st.integers(4, 32), label="token_budget"))
+    streamed, ids = run_with_arrivals(engine, prompts, params, arrivals)
+    for request_id, i in ids.items():
+        expected = reference(model, prompts[i], params[i])
+        assert engine.output(request_id).output_ids == expected == streamed[i], f"request {i}"
+    assert_no_leak(engine)
+
+
+def test_preemption_and_prefix_sharing_keep_outputs(model):
+    shared = [(5 * j + 1) % 97 for j in range(19)]
+    prompts = [shared + [40 + i] * (1 + i) for i in range(4)] + [shared[:9] + [3, 4]]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True)] * len(prompts)
+    engine = Engine(model, num_blocks=9, block_size=8, max_num_seqs=4, max_num_batched_tokens=24)
+    outputs = engine.generate(prompts, params, progress=False)
+    assert sum(o.num_preemptions for o in outputs) > 0, "9 blocks of 8 slots must force preemption"
+    assert sum(o.num_cached_prompt_tokens for o in outputs) > 0, "the shared 19-token prefix must hit the cache"
+    for prompt, p, out in zip(prompts, params, outputs):
+        assert out.output_ids == reference(model, prompt, p) and out.finish_reason == "length"
+    assert_no_leak(engine)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    target = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=1234, max_tokens=8, ignore_eos=True)
+    prompt = [11, 22, 33, 44, 55, 66, 77]
+    alone = Engine(model, num_blocks=8, block_size=8).generate([prompt], target, progress=False)[0].output_ids
+    others = [[1, 2, 3] * 4, [9] * 13, [50, 60]]
+    mixed = Engine(model, num_blocks=6, block_size=8, max_num_seqs=3, max_num_batched_tokens=12)
+    params = [SamplingParams(temperature=1.1, seed=7, max_tokens=9, ignore_eos=True), target,
+              SamplingParams(max_tokens=5), SamplingParams(temperature=0.6, max_tokens=11, ignore_eos=True)]
+    outputs = mixed.generate([others[0], prompt, others[1], others[2]], params, progress=False)
+    assert outputs[1].output_ids == alone
+    assert_no_leak(mixed)
+
+
+def test_abort_frees_blocks_and_is_reported(model):
+    engine = Engine(model, num_blocks=16, block_size=8, max_num_seqs=4)
+    keep = engine.add_request([3, 1, 4, 1, 5], SamplingParams(max_tokens=6, ignore_eos=True))
+    victim = engine.add_request(list(range(10, 30)), SamplingParams(max_tokens=50, ignore_eos=True))
+    queued = engine.add_request([7, 7, 7], SamplingParams(max_tokens=50))
+    engine.step()
+    used = engine.block_manager.stats()["used_blocks"]
+    assert engine.abort(victim) and engine.abort(queued)
+    assert engine.block_manager.stats()["used_blocks"] < used
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id not in finished, "a request finished twice"
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+    assert set(finished) == {keep, victim, queued} and finished[victim] == [] and finished[queued] == []
+    assert engine.output(victim).finish_reason == "abort" and not engine.abort(victim)
+    assert engine.output(keep).output_ids == reference(model, [3, 1, 4, 1, 5], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert_no_leak(engine)
+
+
+def test_bad_requests_are_rejected_and_others_continue(model):
+    engine = Engine(model, num_blocks=6, block_size=8)
+    context = model.config.max_position_embeddings
+    bad = [([], SamplingParams()), ([1] * context, SamplingParams()), ([1, 500], SamplingParams()),
+           ([1, 2], "greedy"), ([1] * 30, SamplingParams(max_tokens=40)), ("text without a tokenizer", SamplingParams())]
+    for prompt, params in bad:
+        with pytest.raises((ValueError, TypeError)):
+            engine.add_request(prompt, params)
+    good = [[4, 5, 6], [8] * 9]
+    prompts = [bad[0][0], good[0], bad[1][0], good[1], bad[4][0]]
+    params = [SamplingParams(max_tokens=4)] * 4 + [SamplingParams(max_tokens=40)]
+    outputs = engine.generate(prompts, params, progress=False)
+    assert [o.finish_reason == "rejected" for o in outputs] == [True, False, True, False, True]
+    assert "empty" in outputs[0].error and "context" in outputs[2].error and "blocks" in outputs[4].error
+    assert outputs[1].output_ids == reference(model, good[0], params[1])
+    assert outputs[3].output_ids == reference(model, good[1], params[3])
+    assert_no_leak(engine)
+
+
+def test_stop_tokens_and_string_prompts(model):
+    class ToyTokenizer:
+        def encode(self, text):
+            return [ord(c) % 97 for c in text]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    prompt = "paged attention"
+    ids = ToyTokenizer().encode(prompt)
+    free_run = reference(model, ids, SamplingParams(max_tokens=12, ignore_eos=True))
+    stop = free_run[5]
+    engine = Engine(model, num_blocks=8, block_size=8, tokenizer=ToyTokenizer())
+    out = engine.generate([prompt], SamplingParams(max_tokens=12, stop_token_ids=[stop], ignore_eos=True), progress=False)[0]
+    assert out.output_ids == free_run[: free_run.index(stop) + 1] and out.finish_reason == "stop"
+    assert out.text == ToyTokenizer().decode(out.output_ids)
+
+
+@pytest.mark.gpu
+def test_engine_on_gpu_matches_reference_bf16_runs():
+    model = Llama.random(LlamaConfig.tiny(), seed=3).cuda()
+    prompts = [[(3 * i + j) % 97 for j in range(5 + 7 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    engine = Engine(model, num_blocks=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=32)
+    outputs = engine.generate(prompts, params, progress=False)
+    for prompt, out in zip(prompts, outputs):
+        assert out.output_ids == reference(model, prompt, params)
+    assert_no_leak(engine)
+    half = Engine(model.to(torch.bfloat16), num_blocks=64, block_size=16)
+    assert all(len(o.output_ids) == 12 for o in half.generate(prompts, params, progress=False))
+    assert_no_leak(half)
