@@ -1,0 +1,242 @@
+"""FlashAttention-2 backward in Triton: D = rowsum(dO ∘ O), a dK/dV kernel and a dQ kernel, no atomics.
+
+Dao 2023, "FlashAttention-2" (arXiv 2307.08691), Algorithm 2 (backward pass) and §3.2 (work
+partitioning). Algorithm 2 writes dQ with atomic adds from the key-block loop; here, as in the
+FlashAttention-2 Triton kernels, dQ gets its own kernel parallel over query blocks, so every output
+tile is owned by one program: deterministic and atomic-free, at the cost of computing QKᵀ twice.
+Under GQA the dK/dV program of a KV head loops over every query head of its group, so the group's
+gradients are summed in registers (no atomics, no [B, Hq, Sk, D] temporary).
+
+Left out on purpose: dropout, fp8, Hopper machinery (TMA, warp specialization). The forward, the
+shared mask/bias helpers and the public functions live in :mod:`mlsys_ref.attention.flash_triton`.
+
+The one idea: P is never stored; it is recomputed from Q, K and the saved log-sum-exp
+(P = exp(S - L)), and dS = P ∘ (dP - D) with D = rowsum(dO ∘ O) = rowsum(P ∘ dP) per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlsys_ref.attention.flash_triton import (
+    _AUTOTUNE_KEY, _bias_and_mask, _configs, _key_range, _Problem, _prune, _sequence, _strides,
+)
+from mlsys_ref.backend import require_triton, tl, triton
+
+__all__ = ["flash_backward"]
+
+
+@triton.jit
+def _preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_heads,
+                       CU_Q, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       VARLEN: tl.constexpr, ACC: tl.constexpr):
+    """D_i = rowsum(dO_i ∘ O_i) (Algorithm 2, line 4); O and dO share one layout."""
+    start_m = tl.program_id(0)
+    off_b = (tl.program_id(1) // num_heads).to(tl.int64)
+    off_h = (tl.program_id(1) % num_heads).to(tl.int64)
+    q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    offsets = off_b * stride_ob + off_h * stride_oh + (q_start + offs_m[:, None]) * stride_os + offs_d[None, :]
+    o = tl.load(O + offsets, mask=mask, other=0.0).to(ACC)
+    do = tl.load(DO + offsets, mask=mask, other=0.0).to(ACC)
+    tl.store(DELTA + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_os, offs_n, offs_d, lo, hi,
+                seqlen_q, seqlen_k, qk_scale, slope, window,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, ACC: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q  # rows past the end load q = dO = 0, so they add nothing to dK, dV
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask, other=0.0)  # Q_i [BLOCK_M, BLOCK_D]
+        do = tl.load(DO + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)  # dO_i
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # L_i in log2 units
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = exp2(-inf) = 0, not NaN
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)  # D_i
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
+        p = tl.exp2(s - lse[:, None])  # P_ij recomputed from the saved lse (line 11)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)  # dV_j += P_ijᵀ dO_i
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)  # dP_ij = dO_i V_jᵀ
+        ds = p * (dp - delta[:, None])  # dS_ij = P_ij ∘ (dP_ij - D_i)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)  # dK_j += dS_ijᵀ Q_i
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("dkdv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_kv_heads, qk_scale, sm_scale,
+                 SLOPES, CU_Q, CU_K, stride_slope_b, seqlen_q, seqlen_k, group, window, bucket_q, bucket_k,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    start_n = tl.program_id(0)
+    off_b = (tl.program_id(1) // num_kv_heads).to(tl.int64)
+    off_hk = (tl.program_id(1) % num_kv_heads).to(tl.int64)
+    q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _sequence(CU_K, off_b, seqlen_k, VARLEN)
+    if start_n * BLOCK_N >= seqlen_k:
+        return
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k_offsets = off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n[:, None]) * stride_ks + offs_d[None, :]
+    v_offsets = off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n[:, None]) * stride_vs + offs_d[None, :]
+    k = tl.load(K + k_offsets, mask=kv_mask, other=0.0)  # K_j [BLOCK_N, BLOCK_D], stays in SRAM for the whole loop
+    v = tl.load(V + v_offsets, mask=kv_mask, other=0.0)  # V_j
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    # -- query rows that see this key block: row m sits at key position m + Sk - Sq
+    offset = seqlen_k - seqlen_q
+    first_n = start_n * BLOCK_N
+    lo = 0
+    hi = seqlen_q
+    if CAUSAL:
+        lo = tl.maximum(first_n - offset, 0) // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, tl.maximum(first_n + BLOCK_N - 1 - offset + window, 0))
+        if not CAUSAL:
+            lo = tl.maximum(first_n - offset - window + 1, 0) // BLOCK_M * BLOCK_M
+        full_lo = hi  # window blocks are all masked
+    elif CAUSAL:  # rows from full_lo on see the whole key block: no mask arithmetic for them
+        full_lo = tl.minimum(hi, (tl.maximum(first_n + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    else:
+        full_lo = lo
+    for g in range(0, group):  # GQA: every query head of this KV head's group adds into the same dK_j, dV_j
+        off_h = off_hk * group + g
+        Q_h = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qs
+        DO_h = DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_os
+        LSE_h = LSE + off_b * stride_lb + off_h * stride_lh + q_start
+        DELTA_h = DELTA + off_b * stride_lb + off_h * stride_lh + q_start
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + off_b * stride_slope_b + off_h) * 1.4426950408889634
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, DO_h, LSE_h, DELTA_h, stride_qs, stride_os, offs_n, offs_d,
+                             lo, full_lo, seqlen_q, seqlen_k, qk_scale, slope, window, BLOCK_M, HEAD_DIM,
+                             CAUSAL, HAS_WINDOW, HAS_ALIBI, True, UPCAST, PRECISION, ACC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, DO_h, LSE_h, DELTA_h, stride_qs, stride_os, offs_n, offs_d,
+                             full_lo, hi, seqlen_q, seqlen_k, qk_scale, slope, window, BLOCK_M, HEAD_DIM,
+                             CAUSAL, HAS_WINDOW, HAS_ALIBI, False, UPCAST, PRECISION, ACC)
+    dk *= sm_scale  # S = scale · Q Kᵀ, so dK = scale · dSᵀ Q
+    tl.store(DK + k_offsets, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d, lo, hi,
+              seqlen_q, seqlen_k, qk_scale, slope, window,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr, ACC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)  # dQ_i += dS_ij K_j
+    return dq
+
+
+@triton.autotune(configs=_configs("dq"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+               stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_heads, qk_scale, sm_scale,
+               SLOPES, CU_Q, CU_K, stride_slope_b, seqlen_q, seqlen_k, group, window, bucket_q, bucket_k,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_b = (tl.program_id(1) // num_heads).to(tl.int64)
+    off_h = (tl.program_id(1) % num_heads).to(tl.int64)
+    off_hk = off_h // group
+    q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _sequence(CU_K, off_b, seqlen_k, VARLEN)
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q_offsets = off_b * stride_qb + off_h * stride_qh + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :]
+    o_offsets = off_b * stride_ob + off_h * stride_oh + (q_start + offs_m[:, None]) * stride_os + offs_d[None, :]
+    q = tl.load(Q + q_offsets, mask=mask, other=0.0)
+    do = tl.load(DO + o_offsets, mask=mask, other=0.0)
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0, not NaN
+    delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + off_b * stride_slope_b + off_h) * 1.4426950408889634
+    K += off_b * stride_kb + off_hk * stride_kh + k_start * stride_ks
+    V += off_b * stride_vb + off_hk * stride_vh + k_start * stride_vs
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    full_hi, lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d, 0, full_hi,
+                   seqlen_q, seqlen_k, qk_scale, slope, window, BLOCK_N, HEAD_DIM, CAUSAL, HAS_WINDOW,
+                   HAS_ALIBI, False, UPCAST, PRECISION, ACC)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d, lo, hi,
+                   seqlen_q, seqlen_k, qk_scale, slope, window, BLOCK_N, HEAD_DIM, CAUSAL, HAS_WINDOW,
+                   HAS_ALIBI, True, UPCAST, PRECISION, ACC)
+    dq *= sm_scale  # dQ = scale · dS K
+    tl.store(DQ + q_offsets, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+def flash_backward(q, k, v, out, lse, grad_out, grad_lse, problem: _Problem):
+    """Launch preprocess, dK/dV and dQ. Returns (dq, dk, dv) shaped and strided like q, k, v."""
+    require_triton("flash_attention (backward)")
+    grad_out = grad_out.contiguous()  # now strided exactly like out (allocated contiguous by the forward)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # same strides as q, k, v
+    varlen, common = problem.varlen, problem.common(q)
+    delta = torch.empty_like(lse)  # D: [B, Hq, Sq] (or [Hq, total_q]), the layout of lse
+    lse_strides = problem.lse_strides(lse)
+    block = 16 if common["BLOCK_D"] > 128 or q.device.type == "cpu" else 64
+    _preprocess_kernel[(triton.cdiv(problem.seqlen_q, block), problem.batch * problem.q_heads)](
+        out, grad_out, delta, *_strides(out, varlen), *lse_strides, problem.q_heads, problem.cu_q, problem.seqlen_q,
+        HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"], BLOCK_M=block, VARLEN=varlen, ACC=common["ACC"],
+    )
+    if grad_lse is not None:  # lse = log Σ exp(S): dS gains P · dlse, i.e. D becomes D - dlse
+        delta -= grad_lse.to(delta.dtype)
+    strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *lse_strides)
+    scales = dict(qk_scale=problem.scale * 1.4426950408889634, sm_scale=problem.scale)
+    dkdv_grid = lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.kv_heads)  # noqa: E731
+    _dkdv_kernel[dkdv_grid](q, k, v, grad_out, dk, dv, lse, delta, *strides, num_kv_heads=problem.kv_heads,
+                            **scales, **common)
+    dq_grid = lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.q_heads)  # noqa: E731
+    _dq_kernel[dq_grid](q, k, v, grad_out, dq, lse, delta, *strides, num_heads=problem.q_heads, **scales, **common)
+    return dq, dk, dv
+
+
+if __name__ == "__main__":
+    from mlsys_ref.attention.flash_triton import flash_attention
+    from mlsys_ref.attention.reference import attention_reference
+    from mlsys_ref.backend import default_device
+    from mlsys_ref.testing import max_error
+
+    device = default_device()
+    q, k, v = (torch.randn(2, 2, 37, 32, device=device, requires_grad=True) for _ in range(3))
+    grads = torch.autograd.grad(flash_attention(q, k, v, causal=True).square().sum(), (q, k, v))
+    expected = torch.autograd.grad(attention_reference(q, k, v, causal=True)[0].square().sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, expected):
+        print(f"flash backward (Triton, {device}) causal seq 37 d 32: max |d{name} - ref| = {max_error(a, b):.2e}")
