@@ -107,4 +107,88 @@ class ModelRunner:
 
     def capture_decode_graphs(self, batch_sizes, max_blocks_per_seq: int) -> None:
         """Capture the pure-decode step as CUDA graphs for these batch sizes (CUDA only)."""
+        self.graphs = None
         self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq)
+
+
+def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    """``Llama.forward`` without its input checks, which read values back to the host (``int(tokens.max())``)
+    and so cannot be captured in a CUDA graph. Inputs come from ``StepInputs``, already valid."""
+    cos, sin = model.rope(positions)
+    x = model.embed_tokens(tokens)  # [T, hidden]
+    for index, layer in enumerate(model.layers):
+        x = layer(index, x, cos, sin, attend)
+    return model.lm_head(model.norm(x)).float()
+
+
+class _StaticInputs:
+    """Views of the graph's persistent input buffers for batch size ``b`` (what ``attend`` reads)."""
+
+    def __init__(self, owner: "DecodeGraphs", b: int):
+        self.tokens, self.positions = owner.tokens[:b], owner.positions[:b]
+        self.slot_mapping, self.block_tables = owner.slot_mapping[:b], owner.block_tables[:b]
+        self.context_lens, self.cu_seqlens_q = owner.context_lens[:b], owner.cu_seqlens_q[: b + 1]
+
+
+class DecodeGraphs:
+    """The pure-decode step captured as one CUDA graph per batch size; a batch of n runs in the smallest
+    captured size >= n, its extra rows padded (slot -1: nothing written; context 1: a harmless read).
+
+    Every tensor the graph touches lives at a fixed address: new inputs are *copied into* these buffers
+    before ``replay()``, and the logits are read from the graph's own output tensor."""
+
+    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int):
+        if runner.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {runner.device}")
+        sizes = sorted({int(b) for b in batch_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+        self.runner, self.sizes, self.width = runner, sizes, max_blocks_per_seq
+        n, device = sizes[-1], runner.device
+        self.tokens = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs, self.outputs = {}, {}
+        pool = None
+        for b in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
+            static = _StaticInputs(self, b)
+            attend = runner.make_attend(static, decode_only=True)
+
+            def run(static=static, attend=attend):
+                return forward_unchecked(runner.model, static.tokens, static.positions, attend)
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():  # warm-up: Triton compiles outside the capture
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+                self.outputs[b] = run()  # [b, vocab]
+            pool = graph.pool()
+            self.graphs[b] = graph
+
+    def can_run(self, chunks) -> bool:
+        return (len(chunks) <= self.sizes[-1] and all(c.end - c.start == 1 for c in chunks)
+                and all(-(-c.end // self.runner.block_size) <= self.width for c in chunks))
+
+    def run(self, chunks, block_manager) -> torch.Tensor:
+        inputs = StepInputs(chunks, block_manager, self.runner.device, pad_blocks_to=self.width)
+        n = len(chunks)
+        b = next(size for size in self.sizes if size >= n)
+        self.tokens[:n].copy_(inputs.tokens)
+        self.positions[:n].copy_(inputs.positions)
+        self.slot_mapping[:n].copy_(inputs.slot_mapping)
+        self.block_tables[:n].copy_(inputs.block_tables)
+        self.context_lens[:n].copy_(inputs.context_lens)
+        self.slot_mapping[n:b].fill_(-1)
+        self.context_lens[n:b].fill_(1)
+        self.block_tables[n:b].zero_()
+        self.tokens[n:b].zero_()
+        self.positions[n:b].zero_()
+        self.graphs[b].replay()
+        return self.outputs[b][inputs.logits_indices].clone()  # [R, vocab]
