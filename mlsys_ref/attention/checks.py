@@ -17,6 +17,33 @@ def _reference_against_sdpa(device: torch.device) -> tuple[float, float]:
     return max_error(out, expected), tolerance(torch.float32).atol
 
 
+def _online_softmax_kernel_against_torch(device: torch.device) -> tuple[float, float]:
+    from mlsys_ref.attention.online_softmax import softmax
+
+    x = torch.randn(8, 300, device=device) * 10
+    x[0, :100] = float("-inf")  # the first blocks of a row all -inf: the running max starts at -inf
+    x[1, 7] = float("-inf")
+    errors = [max_error(softmax(x, block_size=block), torch.softmax(x.double(), -1)) for block in (None, 64)]
+    return max(errors), tolerance(torch.float32).atol
+
+
+def _flash_torch_against_reference(device: torch.device) -> tuple[float, float]:
+    from mlsys_ref.attention.flash_torch import flash_attention_torch
+
+    q = torch.randn(2, 4, 37, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, 45, 32, device=device, requires_grad=True) for _ in range(2))
+    out, lse = flash_attention_torch(q, k, v, causal=True, return_lse=True, Br=16, Bc=12)
+    expected, expected_lse = attention_reference(q, k, v, causal=True)
+    dO = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dO)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dO)
+    errors = [max_error(out, expected), max_error(lse, expected_lse)]
+    errors += [max_error(g, e) for g, e in zip(grads, expected_grads)]
+    return max(errors), tolerance(torch.float32).atol
+
+
 CHECKS = [
     Check("reference attention vs torch SDPA", "Vaswani et al. 2017 §3.2.1", _reference_against_sdpa),
+    Check("online softmax, Triton kernel vs torch.softmax", "Milakov & Gimelshein 2018, Alg. 3", _online_softmax_kernel_against_torch),
+    Check("FlashAttention-2 in PyTorch, fwd+bwd vs reference", "Dao 2023, Alg. 1-2", _flash_torch_against_reference),
 ]
