@@ -1,0 +1,396 @@
+"""W4A16 and W8A16 matmul in Triton: integer weights dequantized in registers, fp16/bf16 activations.
+
+Papers: weight-only quantized GEMM as in GPTQ (Frantar et al. 2022, arXiv:2210.17323, §5 "Practical
+speedups": the matrix-vector product is memory-bound, so reading 4-bit weights instead of 16-bit ones
+is the speed-up) and Marlin (Frantar et al. 2024, arXiv:2408.11743, §3: stream the weights once, with
+wide loads and enough work in flight to saturate HBM). The int -> float trick is the "magic number"
+conversion of Kim et al. 2022 (arXiv:2211.10017, §3.2): OR the integer into the mantissa of 2^23.
+
+y[m, n] = Σ_k x[m, perm[k]] · (q[n, k] - z[n, g(k)]) · s[n, g(k)],  g(k) = k // group_size,
+with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], low nibble = even k).
+
+Two kernels:
+- ``_qgemv_kernel`` (M <= 16, decode): one program owns BLOCK_N output features and streams their
+  contiguous strip of packed weights [BLOCK_N, BLOCK_K/2] -- rows of 16-byte loads. M = 1 multiplies
+  on the FMA units (``tl.sum``), 2 <= M <= 16 uses ``tl.dot`` with the *weight* as the left operand
+  (y^T = W x^T, so the big dimension N fills the tensor core's M slot). Split-K (grid axis 1) adds
+  programs when N alone gives too few; partial sums go to an fp32 workspace [SPLIT_K, M, N] reduced by
+  a second small kernel -- deterministic, unlike fp32 atomics, and no zero-filled buffer needed.
+- ``_qgemm_kernel`` (M > 16): tiled, the same dequantize-in-registers then ``tl.dot``, programs
+  ordered M-fastest so that the BLOCK_M tiles sharing one weight strip run together (read once).
+
+Choices: a BLOCK_K chunk never straddles a quantization group (BLOCK_K divides group_size), so
+scales and zeros are one value per row per chunk; the int4 pair (even k, odd k) is handled as two
+half-chunks against x[k0 + 2j] and x[k0 + 2j + 1] (strided loads of the small activation) instead
+of interleaving the nibbles in registers; act-order permutes x once *before* the kernel
+(``x[..., perm]``: M·K elements, negligible next to N·K weights) so the kernel never gathers.
+
+Left out: Marlin's offline weight reshuffle into tensor-core fragment order, asynchronous
+global->shared pipelines written by hand, and stream-K; int3 and int2 (use the PyTorch path).
+
+The one idea to notice: at M = 1 the kernel is a memory copy of the quantized weight with a little
+arithmetic on the side; every design choice (contiguous strips, split-K, one scale per chunk) is
+about keeping HBM busy, because 4 bits per weight is the whole speed-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mlsys_ref.backend import HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl, triton
+from mlsys_ref.quant.primitives import dequantize, unpack_int4
+from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
+
+__all__ = ["quant_matmul", "quant_matmul_reference", "dequantize_weight", "use_kernels", "kernel_applies"]
+
+
+@triton.jit
+def _unsigned_codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """Stored bytes -> unsigned codes u of sub-column t, as exact fp32 (u - ZERO_SHIFT = code)."""
+    if BITS == 4:
+        u = (p.to(tl.int32) >> (4 * t)) & 0xF
+    elif SIGNED:
+        u = p.to(tl.int32) + 128  # int8 codes shifted to [0, 255]
+    else:
+        u = p.to(tl.int32)
+    # 0x4B000000 is 2^23 in fp32: OR-ing u < 2^23 into its mantissa gives the float 2^23 + u exactly,
+    # an integer-unit op instead of the slow int->float conversion (16/clk/SM on Hopper)
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_size, k_per_split,
+                  stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg,
+                  stride_os, stride_om, stride_on,
+                  BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    PACK: tl.constexpr = 8 // BITS  # codes per stored byte
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK  # stored bytes per row per chunk
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_KP)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T tile
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # -- one contiguous strip of packed weights: [BLOCK_N, BLOCK_KP] bytes
+        kp = k0 // PACK + offs_j
+        if EVEN_K:
+            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None], other=0)
+        else:
+            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None] & (kp[None, :] < K // PACK), other=0)
+        # -- the chunk lies in one group: one scale (and zero) per row
+        g = k0 // group_size
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        z = tl.zeros([BLOCK_N], dtype=tl.float32) + ZERO_SHIFT
+        if HAS_ZEROS:
+            z += tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for t in tl.static_range(PACK):
+            w = _unsigned_codes(p, t, BITS, SIGNED) - z[:, None]  # integer-valued (q - z), [BLOCK_N, BLOCK_KP]
+            xk = k0 + offs_j * PACK + t  # the input columns these codes multiply
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + xk * stride_xk, mask=xk < K, other=0).to(tl.float32)  # [BLOCK_KP]
+                part += tl.sum(w * xv[None, :], axis=1)[:, None]
+            else:
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None] * stride_xk,
+                             mask=(offs_m[None, :] < M) & (xk[:, None] < K), other=0)  # x^T [BLOCK_KP, BLOCK_M]
+                part += tl.dot(w.to(DOT), xt.to(DOT), input_precision=PRECISION)
+        acc += part * s[:, None]  # scale once per chunk, not once per weight
+    out_mask = n_mask[:, None] & (offs_m[None, :] < M)
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partial sums, reduced by _splitk_reduce_kernel
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """out[m, n] = Σ_s workspace[s, m, n] (+ bias[n]), all contiguous."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + split * MN + offs, mask=mask, other=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_size,
+                  stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
+                  BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    PACK: tl.constexpr = 8 // BITS
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)  # axis 0 fastest: M tiles of one weight strip together
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_KP)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T tile: the weight is dot's left operand
+    for k0 in range(0, K, BLOCK_K):
+        kp = k0 // PACK + offs_j
+        if EVEN_K:
+            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None], other=0)
+        else:
+            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None] & (kp[None, :] < K // PACK), other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        z = tl.zeros([BLOCK_N], dtype=tl.float32) + ZERO_SHIFT
+        if HAS_ZEROS:
+            z += tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        for t in tl.static_range(PACK):
+            # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (u - z) * s, in the dot's dtype
+            w = ((_unsigned_codes(p, t, BITS, SIGNED) - z[:, None]) * s[:, None]).to(DOT)
+            xk = k0 + offs_j * PACK + t
+            xt = tl.load(x_cols + xk[:, None] * stride_xk, mask=m_mask[None, :] & (xk[:, None] < K), other=0)
+            acc = tl.dot(w, xt.to(DOT), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+# -- configs: ONE under the interpreter (big tiles: the interpreter pays per program, not per element)
+def _gemv_configs(M: int) -> list[dict]:
+    if is_interpreter():
+        return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
+    table = [(16, 128, 1, 4), (32, 128, 1, 4), (64, 128, 1, 4), (32, 256, 1, 4), (16, 512, 1, 4),
+             (32, 128, 2, 4), (16, 256, 2, 4), (32, 128, 4, 4), (64, 64, 2, 4), (128, 128, 1, 8)]
+    if M > 1:  # tl.dot needs BLOCK_N >= 16 and favours wider N tiles
+        table = [(n, k, s, w) for n, k, s, w in table if n >= 32] + [(128, 64, 2, 4), (64, 128, 4, 4)]
+    return [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=3) for n, k, s, w in table]
+
+
+def _gemm_configs() -> list[dict]:
+    if is_interpreter():
+        return [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)]
+    table = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (32, 128, 128, 4, 3),
+             (64, 256, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 8, 3)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in table]
+
+
+def _fit_block_k(config: dict, group_size: int, K: int, min_block: int) -> dict:
+    """Shrink BLOCK_K so that a chunk never straddles a group (BLOCK_K must divide group_size)."""
+    block = config["BLOCK_K"]
+    if group_size < K:
+        block = min(block, group_size & -group_size)  # largest power of two dividing group_size
+    return {**config, "BLOCK_K": max(block, min_block)}
+
+
+def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, int]:
+    """Check the storage format; return (N, K, group_size)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for the Triton kernels, got {bits!r} (int3 etc.: PyTorch path)")
+    K = x.shape[-1]
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D [N, K/2] (int4) or [N, K] (int8), got {tuple(qweight.shape)}")
+    N = qweight.shape[0]
+    if bits == 4 and (qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K):
+        raise ValueError(f"int4 qweight must be uint8 [N, K/2] = [{N}, {K / 2:g}] (K = x.shape[-1] = {K}), "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}")
+    if bits == 8 and (qweight.dtype not in (torch.int8, torch.uint8) or qweight.shape[1] != K):
+        raise ValueError(f"int8 qweight must be int8/uint8 [N, K] = [{N}, {K}], got {qweight.dtype} {tuple(qweight.shape)}")
+    if scales.dim() != 2 or scales.shape[0] != N or not scales.is_floating_point() or K % scales.shape[1]:
+        raise ValueError(f"scales must be float [N={N}, G] with G dividing K={K}, got {scales.dtype} {tuple(scales.shape)}")
+    group_size = K // scales.shape[1]
+    if zeros is not None and (zeros.shape != scales.shape or not zeros.is_floating_point()):
+        raise ValueError(f"zeros must be None or float with the shape of scales {tuple(scales.shape)}, got "
+                         f"{zeros.dtype} {tuple(zeros.shape)}")
+    min_block = 32 if bits == 4 else 16  # tl.dot needs 16 codes of each half-chunk
+    if group_size < K and group_size % min_block:
+        raise ValueError(f"group_size={group_size} must be a multiple of {min_block} for the int{bits} kernels")
+    if perm is not None and (perm.dtype != torch.int64 or perm.shape != (K,)):
+        raise ValueError(f"perm must be None or int64 [K={K}], got {perm.dtype} {tuple(perm.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be None or [N={N}], got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("perm", perm), ("bias", bias)):
+        if t is not None:
+            check_kernel_device(t, name)
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return N, K, group_size
+
+
+def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> torch.Tensor:
+    """x2 [M, K] (already permuted) -> y [M, N] in x2's dtype; ``config`` pins the tile choice (tests)."""
+    require_triton("quant_matmul")
+    M, K = x2.shape
+    N = qweight.shape[0]
+    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return out
+    fp32_dot = x2.dtype == torch.float32 or is_interpreter()  # bf16 tl.dot is wrong under the interpreter
+    signed = qweight.dtype == torch.int8
+    common = dict(BITS=bits, SIGNED=signed, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+                  ZERO_SHIFT=128 if signed else (8 if bits == 4 and zeros is None else 0),
+                  DOT=tl.float32 if fp32_dot else (tl.float16 if x2.dtype == torch.float16 else tl.bfloat16),
+                  PRECISION="ieee" if fp32_dot else "tf32")
+    z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
+    b = bias if bias is not None else out
+    min_block = 32 if bits == 4 else 16
+    key = (m_bucket(M), N, K, group_size, bits, signed, zeros is not None, bias is not None, x2.dtype)
+
+    if M <= 16:
+        block_m = 1 if M == 1 else 16
+
+        def run(cfg: dict) -> torch.Tensor:
+            cfg = _fit_block_k(cfg, group_size, K, min_block)
+            split, block_k = cfg["SPLIT_K"], cfg["BLOCK_K"]
+            k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+            target = out if split == 1 else torch.empty(split, M, N, device=x2.device, dtype=torch.float32)
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
+            _qgemv_kernel[grid](
+                x2, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
+                x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+                target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
+                SPLIT_K=split, EVEN_K=K % block_k == 0,  # chunks start at multiples of block_k
+                BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+            if split > 1:
+                block = 1024
+                _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+                    target, b, out, M * N, N, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+            return out
+
+        candidates = [config] if config is not None else _gemv_configs(M)
+        return run(pick_config("qgemv", key, candidates, run))
+
+    def run(cfg: dict) -> torch.Tensor:
+        cfg = _fit_block_k(cfg, group_size, K, min_block)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+        _qgemm_kernel[grid](
+            x2, qweight, scales, z, b, out, M, N, K, group_size,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            out.stride(0), out.stride(1), EVEN_K=K % cfg["BLOCK_K"] == 0,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+        return out
+
+    candidates = [config] if config is not None else _gemm_configs()
+    return run(pick_config("qgemm", key, candidates, run))
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """Forward: the kernel. Backward (inputs only; the codes are not trained): dx = dy @ dequant(W)."""
+
+    @staticmethod
+    def forward(ctx, x2, qweight, scales, zeros, bias, bits, group_size, config):
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.bits = bits
+        return _launch(x2, qweight, scales, zeros, bits, bias, group_size, config)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales, zeros = ctx.saved_tensors
+        grad_x = grad @ dequantize_weight(qweight, scales, zeros, ctx.bits).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, None, grad_b, None, None, None
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                 *, bits: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """y = x[..., perm] @ dequant(qweight)ᵀ + bias, [..., K] -> [..., N] in x's dtype (GEMV if M <= 16)."""
+    N, K, group_size = _validate(x, qweight, scales, zeros, bits, perm, bias)
+    if perm is not None:
+        x = x.index_select(-1, perm)  # act-order: permute the activation once, the kernel never gathers
+    x2 = x.reshape(-1, K)
+    y = _QuantMatmul.apply(x2, qweight, scales, zeros, bias, bits, group_size, config)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# -- the PyTorch path: dequantize, then matmul (what every kernel is tested against) -----------------
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Ŵ_stored [N, K] in fp32 from the storage format (int4 symmetric codes are stored +8)."""
+    if bits == 4:
+        q = unpack_int4(qweight).to(torch.int32) - (8 if zeros is None else 0)
+    else:
+        q = qweight.to(torch.int32)
+    return dequantize(q, scales.float(), None if zeros is None else zeros.float())
+
+
+def quant_matmul_reference(x, qweight, scales, zeros=None, *, bits, perm=None, bias=None) -> torch.Tensor:
+    """Dequantize-then-matmul in fp32 (fp64 when x is fp64), returned in x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    W = dequantize_weight(qweight, scales, zeros, bits).to(compute)
+    xc = x.to(compute) if perm is None else x.to(compute)[..., perm]
+    y = xc @ W.T
+    return (y if bias is None else y + bias.to(compute)).to(x.dtype)
+
+
+# -- dispatch for QuantizedLinear: kernels by default, a switch to force PyTorch --------------------
+_MODE = "auto"  # "auto" | "triton" | "torch"
+# Under the interpreter every program runs in Python: beyond ~4M multiply-adds a call takes seconds,
+# so "auto" keeps CPU models (perplexity evaluations) on the PyTorch path; "triton" forces the kernel.
+INTERPRETER_MAX_MACS = 1 << 22
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool | None = True):
+    """``with use_kernels(False):`` forces the PyTorch path; True forces the kernels; None is "auto"."""
+    global _MODE
+    if enabled not in (True, False, None):
+        raise ValueError(f"use_kernels takes True, False or None, got {enabled!r}")
+    previous, _MODE = _MODE, {True: "triton", False: "torch", None: "auto"}[enabled]
+    try:
+        yield
+    finally:
+        _MODE = previous
+
+
+def kernel_applies(module, x: torch.Tensor) -> bool:
+    """Whether QuantizedLinear._matmul should call :func:`quant_matmul` (forced: always; it validates)."""
+    if _MODE != "auto":
+        return _MODE == "triton"
+    K = module.in_features
+    group_ok = module.group_size == K or module.group_size % (32 if module.bits == 4 else 16) == 0
+    if not (HAS_TRITON and module.bits in (4, 8) and group_ok and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False  # a format the kernels do not cover: the PyTorch path computes the same thing
+    if x.device.type != default_device().type or module.qweight.device != x.device:
+        return False
+    return not is_interpreter() or x.numel() * module.out_features <= INTERPRETER_MAX_MACS
+
+
+def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """The kernel path of QuantizedLinear.forward."""
+    bias = None if module.bias is None else module.bias.to(x.dtype)
+    return quant_matmul(x, module.qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
+
+
+if __name__ == "__main__":
+    from mlsys_ref.quant.linear import QuantizedLinear
+    from mlsys_ref.testing import max_error, tolerance
+
+    torch.manual_seed(0)
+    device = default_device()
+    dtype = torch.float16
+    for bits, group, symmetric in ((4, 64, True), (4, 32, False), (8, None, True)):
+        linear = torch.nn.Linear(192, 45, bias=True)
+        ql = QuantizedLinear.from_linear(linear, bits, group, symmetric).to(device)
+        for M in (1, 3, 17):
+            x = torch.randn(M, 192, device=device, dtype=dtype)
+            args = (ql.qweight, ql.scales, ql.zeros)
+            y = quant_matmul(x, *args, bits=bits, bias=ql.bias.to(dtype))
+            ref = quant_matmul_reference(x.double(), *args, bits=bits, bias=ql.bias)
+            print(f"int{bits} group={ql.group_size} {'sym ' if symmetric else 'asym'} M={M:2d}: "
+                  f"max error vs dequantize-then-matmul {max_error(y, ref):.2e} (fp16 atol {tolerance(dtype).atol})")
