@@ -6,6 +6,9 @@ makes Θ(Nd + N²) HBM accesses and FlashAttention (Algorithm 1) Θ(N²d²/M); P
 exact algorithm does asymptotically better for every M in [d, Nd]. FlashAttention-2 (Dao 2023, arXiv
 2307.08691, Algorithm 1) swaps the loops (Q blocks outer), which keeps the same order of traffic.
 
+For softmax alone (Milakov & Gimelshein 2018, arXiv 1805.02867, §2-3), `softmax_hbm` counts the
+memory accesses per row of the naive, safe (three-pass) and online (two-pass) algorithms.
+
 These functions count exactly what each algorithm's lines load and store, for one (batch, head),
 forward only, no masking (causal block skipping would roughly halve the tiled counts). The
 PyTorch tiled forward (`flash_torch.flash_forward`) tallies its own loads and stores as it runs,
@@ -26,6 +29,7 @@ __all__ = [
     "flash1_hbm",
     "flash2_block_size",
     "flash2_forward_hbm",
+    "softmax_hbm",
 ]
 
 
@@ -82,3 +86,21 @@ def flash2_forward_hbm(q_len: int, kv_len: int, d: int, Br: int) -> int:
     _check_positive(q_len=q_len, kv_len=kv_len, d=d, Br=Br)
     Tr = math.ceil(q_len / Br)
     return q_len * d + Tr * 2 * kv_len * d + q_len * d + q_len
+
+
+_SOFTMAX_PASSES = {"naive": 2, "safe": 3, "online": 2}  # reads of the row: Algorithms 1, 2 and 3
+
+
+def softmax_hbm(n: int, algorithm: str, on_chip: int | None = None) -> int:
+    """Elements read + written to softmax a row of ``n``: one write, and 2 (naive, Alg. 1), 3 (safe,
+    Alg. 2) or 2 (online, Alg. 3) reads. With ``on_chip`` elements of registers/SRAM per row, a row
+    that fits is read once and kept there (what the Triton kernel does): ``2n`` for every algorithm.
+    """
+    _check_positive(n=n)
+    if algorithm not in _SOFTMAX_PASSES:
+        raise ValueError(f"algorithm must be one of {sorted(_SOFTMAX_PASSES)}, got {algorithm!r}")
+    if on_chip is not None:
+        _check_positive(on_chip=on_chip)
+        if n <= on_chip:
+            return 2 * n
+    return (_SOFTMAX_PASSES[algorithm] + 1) * n

@@ -36,7 +36,7 @@ import torch
 
 from mlsys_ref.backend import check_kernel_device, require_triton, tl, triton
 
-__all__ = ["softmax_three_pass", "softmax_online", "online_normalizer", "softmax", "KERNEL_DTYPES"]
+__all__ = ["softmax_three_pass", "softmax_online", "online_normalizer", "combine", "softmax", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK = 16384  # one block covers rows up to this length: read once, kept in registers
@@ -101,6 +101,16 @@ def online_normalizer(x: torch.Tensor, block: int = 128, trace: list | None = No
         if trace is not None:
             trace.append((start, m.clone(), d.clone()))
     return m, d
+
+
+def combine(m_a: torch.Tensor, d_a: torch.Tensor, m_b: torch.Tensor, d_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The §3.2 operator ``(m_a, d_a) ⊕ (m_b, d_b) = (m, d_a·exp(m_a - m) + d_b·exp(m_b - m))``, ``m = max(m_a, m_b)``.
+
+    Associative and commutative, so any split of a row (lanes, blocks, GPUs) can be merged in any order.
+    """
+    m = torch.maximum(m_a, m_b)
+    m_safe = _finite_or_zero(m)
+    return m, d_a * torch.exp(m_a - m_safe) + d_b * torch.exp(m_b - m_safe)
 
 
 def softmax_online(x: torch.Tensor, block: int = 128) -> torch.Tensor:

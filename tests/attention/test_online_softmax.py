@@ -5,7 +5,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlsys_ref.attention.online_softmax import online_normalizer, softmax, softmax_online, softmax_three_pass
+from mlsys_ref.attention.io_complexity import softmax_hbm
+from mlsys_ref.attention.online_softmax import (
+    combine,
+    online_normalizer,
+    softmax,
+    softmax_online,
+    softmax_three_pass,
+)
 from mlsys_ref.testing import assert_close
 
 TORCH_ALGORITHMS = [softmax_three_pass, softmax_online]
@@ -151,3 +158,21 @@ def test_kernel_gpu_large(dtype, n):
     x[0, :] = float("-inf")
     x[1, : n // 2] = float("-inf")
     assert_close(softmax(x), _expected(x).to(x.device), dtype)
+
+
+def test_combine_of_halves_equals_whole():
+    x = torch.randn(3, 70, dtype=torch.float64) * 20
+    x[1, :40] = float("-inf")  # left half's m is -inf
+    m_a, d_a = online_normalizer(x[:, :40], block=16)
+    m_b, d_b = online_normalizer(x[:, 40:], block=16)
+    m, d = online_normalizer(x, block=16)
+    for merged in (combine(m_a, d_a, m_b, d_b), combine(m_b, d_b, m_a, d_a)):
+        assert_close(merged[0], m)
+        assert_close(merged[1], d)
+
+
+def test_softmax_hbm_counts():
+    assert [softmax_hbm(100, a) for a in ("naive", "safe", "online")] == [300, 400, 300]
+    assert softmax_hbm(100, "safe", on_chip=128) == 200 and softmax_hbm(200, "online", on_chip=128) == 600
+    with pytest.raises(ValueError, match="algorithm"):
+        softmax_hbm(10, "fast")
