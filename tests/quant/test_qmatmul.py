@@ -1,0 +1,133 @@
+"""W4A16 / W8A16 kernels against dequantize-then-matmul, on odd shapes, plus validation and dispatch."""
+
+import pytest
+import torch
+from torch import nn
+
+from mlsys_ref.quant import qmatmul
+from mlsys_ref.quant.linear import QuantizedLinear
+from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
+from mlsys_ref.testing import assert_close
+
+
+def make_layer(N, K, bits, group, symmetric, device, act_order=False, bias=False, scale_dtype=torch.float32):
+    linear = nn.Linear(K, N, bias=bias)
+    nn.init.normal_(linear.weight, std=0.05)
+    ql = QuantizedLinear.from_linear(linear, bits, group, symmetric, scale_dtype=scale_dtype)
+    if act_order:  # same codes, columns declared as stored in a random order
+        ql = QuantizedLinear.from_codes(ql.codes(), ql.scales, ql.zeros, bits, bias=ql.bias,
+                                        perm=torch.randperm(K), scale_dtype=scale_dtype)
+    return ql.to(device)
+
+
+def check(x, ql, config=None, bias=None):
+    args = (ql.qweight, ql.scales, ql.zeros)
+    y = quant_matmul(x, *args, bits=ql.bits, perm=ql.perm, bias=bias, config=config)
+    ref = quant_matmul_reference(x.double(), *args, bits=ql.bits, perm=ql.perm, bias=bias)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], ql.out_features)
+    assert_close(y, ref, x.dtype)
+
+
+# K = 160 is not a multiple of the 128-wide chunk; N = 45 is odd; per channel with K = 150 / 75 odd.
+@pytest.mark.parametrize("bits,group,symmetric,K", [
+    (4, 32, True, 160), (4, 64, False, 192), (4, None, True, 150), (4, None, False, 150),
+    (8, 32, True, 160), (8, None, False, 75), (8, None, True, 75),
+])
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_matches_dequantize_then_matmul_fp16(device, bits, group, symmetric, K, M):
+    ql = make_layer(45, K, bits, group, symmetric, device)
+    check(torch.randn(M, K, device=device, dtype=torch.float16), ql)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_fp32_act_order_bias_and_leading_dims(device, bits, M):
+    ql = make_layer(37, 128, bits, 32, False, device, act_order=True, bias=True)
+    x = torch.randn(M, 2, 128, device=device)
+    check(x, ql, bias=ql.bias)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("M", [1, 16])
+def test_gemv_split_k_and_tiles(device, split, M):
+    """Both epilogues of the GEMV (direct store, fp32 workspace + reduction), with a bias."""
+    ql = make_layer(70, 256, 4, 64, True, device, bias=True, scale_dtype=torch.float16)
+    config = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=2)
+    check(torch.randn(M, 256, device=device, dtype=torch.float16), ql, config=config, bias=ql.bias.half())
+
+
+def test_backward_matches_reference(device):
+    ql = make_layer(24, 64, 4, 32, False, device, act_order=True)
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    y = quant_matmul(x, ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = quant_matmul_reference(x_ref, ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
+    assert_close(grad, grad_ref, torch.float32)
+
+
+def test_bad_inputs_raise(device):
+    ql = make_layer(8, 64, 4, 32, True, device)
+    x = torch.randn(2, 64, device=device)
+    args = (ql.qweight, ql.scales, None)
+    with pytest.raises(TypeError, match="x must be"):
+        quant_matmul(x.to(torch.int32), *args, bits=4)
+    with pytest.raises(ValueError, match="K/2"):
+        quant_matmul(torch.randn(2, 62, device=device), *args, bits=4)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        quant_matmul(x, *args, bits=3)
+    with pytest.raises(ValueError, match="int8 qweight"):
+        quant_matmul(x, ql.qweight, ql.scales, None, bits=8)
+    with pytest.raises(ValueError, match="G dividing K"):
+        quant_matmul(x, ql.qweight, ql.scales[:, :1].repeat(1, 3), None, bits=4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant_matmul(x, ql.qweight, ql.scales.repeat_interleave(2, 1), None, bits=4)  # group 16
+    with pytest.raises(ValueError, match="zeros"):
+        quant_matmul(x, ql.qweight, ql.scales, ql.scales[:, :1], bits=4)
+    with pytest.raises(ValueError, match="perm"):
+        quant_matmul(x, *args, bits=4, perm=torch.arange(64, device=device, dtype=torch.int32))
+    with pytest.raises(ValueError, match="bias"):
+        quant_matmul(x, *args, bits=4, bias=torch.zeros(7, device=device))
+
+
+def test_quantized_linear_dispatch(device):
+    """QuantizedLinear uses the kernel automatically; use_kernels(False) forces the PyTorch path."""
+    ql = make_layer(33, 96, 4, 32, False, device, act_order=True, bias=True)
+    x = torch.randn(3, 96, device=device)
+    assert qmatmul.kernel_applies(ql, x)
+    with qmatmul.use_kernels(False):
+        assert not qmatmul.kernel_applies(ql, x)
+        y_torch = ql(x)
+    calls = []
+    original = qmatmul.quant_matmul
+    qmatmul.quant_matmul = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        y_kernel = ql(x)
+    finally:
+        qmatmul.quant_matmul = original
+    assert calls, "QuantizedLinear.forward did not reach the kernel"
+    assert_close(y_kernel, y_torch, torch.float32)
+    int3 = make_layer(8, 64, 3, 32, True, device)
+    assert not qmatmul.kernel_applies(int3, torch.randn(1, 64, device=device))  # no int3 kernel: PyTorch path
+    with qmatmul.use_kernels(True), pytest.raises(ValueError, match="bits must be 4 or 8"):
+        int3(torch.randn(1, 64, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 128, True), (4, 128, False), (8, None, True)])
+@pytest.mark.parametrize("M", [1, 7, 16, 64, 256])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 11008)])
+def test_gpu_bf16_large(bits, group, symmetric, M, N, K):
+    ql = make_layer(N, K, bits, group, symmetric, "cuda", scale_dtype=torch.bfloat16)
+    check(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), ql)
+
+
+@pytest.mark.gpu
+def test_gpu_quantized_linear_bf16_act_order():
+    ql = make_layer(4096, 4096, 4, 128, False, "cuda", act_order=True)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert qmatmul.kernel_applies(ql, x)
+    with qmatmul.use_kernels(False):
+        expected = ql(x)
+    assert_close(ql(x), expected, torch.bfloat16)
