@@ -104,7 +104,7 @@ def _paged_decode_split_kernel(
         m_i = m_new
     # an empty split (past the context) leaves l_i = 0: write O = 0 and lse = -inf, which the combine ignores
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))  # log-sum-exp in base 2
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))  # base-2 log-sum-exp
     o_ptrs = o_partial_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptrs, o, mask=g_mask)
     tl.store(lse_partial_ptr + seq * stride_lb + heads * stride_lh + split, lse2, mask=offs_g < group)
