@@ -199,7 +199,7 @@ def _check(q, k, v, rank: int, alibi_slopes, window, scale, batch: int | None) -
     if q.dtype not in _DTYPES:
         raise TypeError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
     check_kernel_device(q, "q")
-    head_dim, q_heads, kv_heads = q.shape[-1], q.shape[-3], k.shape[-3]
+    head_dim, q_heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[-1] != head_dim:
@@ -242,7 +242,7 @@ class _Problem:
     def __init__(self, q, k, causal, scale, window, alibi_slopes, cu_q=None, cu_k=None, max_q=None, max_k=None):
         self.varlen = cu_q is not None
         self.batch = cu_q.numel() - 1 if self.varlen else q.shape[0]
-        self.q_heads, self.kv_heads = q.shape[-3], k.shape[-3]
+        self.q_heads, self.kv_heads = q.shape[1], k.shape[1]
         self.seqlen_q = max_q if self.varlen else q.shape[2]
         self.seqlen_k = max_k if self.varlen else k.shape[2]
         self.cu_q, self.cu_k = (cu_q, cu_k) if self.varlen else (q, q)  # unused pointers when not packed
