@@ -81,7 +81,7 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · g  (Zhang & Sennrich 2019, eq. 4), computed in fp32."""
+    """y = x / sqrt(mean(x²) + eps) · g  (Zhang & Sennrich 2019, eq. 4), computed in fp32 (or fp64)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -89,9 +89,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 would lose the mean of squares
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * wide.to(x.dtype)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -118,7 +118,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate each pair (x_i, x_{i+D/2}) by angle position·θ_i. x [T, H, D]; cos/sin [T, D] (fp32)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # "rotate half"
-    out = x.float() * cos[:, None, :] + rotated.float() * sin[:, None, :]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    out = x.to(wide) * cos[:, None, :].to(wide) + rotated.to(wide) * sin[:, None, :].to(wide)
     return out.to(x.dtype)
 
 
@@ -200,7 +201,11 @@ class Llama(nn.Module):
         return model.eval()
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of angles position·θ_i, each [T, D] (both halves equal), in fp32."""
+        """cos, sin of angles position·θ_i, each [T, D] (both halves equal).
+
+        Always fp32, as Hugging Face and llama.cpp do (so fp64 runs match them bit for bit in the
+        angles); the angle's rounding error grows with the position, ~position · 6e-8 rad.
+        """
         angles = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
         angles = torch.cat((angles, angles), dim=-1)  # [T, D]
         return angles.cos(), angles.sin()
