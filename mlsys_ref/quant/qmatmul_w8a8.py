@@ -1,0 +1,210 @@
+"""W8A8 matmul in Triton: int8 × int8 on the tensor cores, int32 accumulation, scales in the epilogue.
+
+Paper: SmoothQuant (Xiao et al. 2023, arXiv:2211.10438), §3 and Figure 3 (the "O1"-style
+per-token × per-channel scheme): activations quantized per token, weights per output channel, so that
+
+    Y[m, n] = Δx[m] · Δw[n] · Σ_k Xq[m, k] · Wq[n, k]
+
+and the integer sum runs on int8 tensor cores (twice the bf16 rate, half the bytes). The scales are
+outer-product shaped, so they factor out of the K sum and cost one multiply per *output* element: the
+epilogue. The per-token quantization of X is a second small kernel (one program per token: absmax, then
+round), as in the paper's fused "quantize" step before each int8 GEMM.
+
+Rounding matches ``torch.round`` (half to even) and the division is IEEE (``div_rn``), so the kernel's
+codes equal :func:`mlsys_ref.quant.primitives.quantize` (granularity "token") bit for bit.
+
+Left out: fusing the activation quantization into the previous layer's epilogue (SmoothQuant's
+LayerNorm/GEMM fusion), per-tensor static scales (O3), int8 outputs, and the smoothing itself
+(see :mod:`mlsys_ref.quant.smoothquant`).
+
+The one idea to notice: the scales never enter the inner loop -- exact integer arithmetic until the
+last moment is what makes W8A8 both fast and easy to reason about.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlsys_ref.backend import check_kernel_device, is_interpreter, require_triton, tl, triton
+from mlsys_ref.quant.primitives import quantize
+from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
+
+__all__ = ["quantize_per_token", "w8a8_matmul", "w8a8_linear", "quantize_per_token_reference",
+           "w8a8_matmul_reference", "w8a8_linear_reference"]
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5  # v was exactly n + 0.5 and went up: go to the even neighbour instead
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, stride_qk,
+                               BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    # -- pass 1: Δx = max_k |x[row, k]| / 127
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        v = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.math.div_rn(tl.max(amax, axis=0), 127.0)
+    scale = tl.where(scale > 0, scale, 1.0)  # an all-zero token: any scale is exact
+    tl.store(s_ptr + row, scale)
+    # -- pass 2: Xq = clamp(round(x / Δx), -128, 127) (the row is re-read from L2)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        v = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0).to(tl.float32)
+        code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)), -128.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + k * stride_qk, code.to(tl.int8), mask=k < K)
+
+
+@triton.jit
+def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+                      stride_am, stride_ak, stride_bn, stride_bk, stride_sb, stride_om, stride_on,
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)  # axis 0 fastest: M tiles of one weight strip together
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak  # Xq [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk  # Wqᵀ [BLOCK_K, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
+        else:
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & (k0 + offs_k[None, :] < K), other=0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :] & (k0 + offs_k[:, None] < K), other=0)
+        acc = tl.dot(a, b, acc)  # int8 × int8 -> int32, exact
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    # -- epilogue: Y = Δx[m] · Δw[n] · acc (+ bias)
+    sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0)
+    sb = tl.load(sb_ptr + offs_n * stride_sb, mask=n_mask, other=0).to(tl.float32)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _gemm_configs() -> list[dict]:
+    if is_interpreter():
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)]
+    table = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
+             (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 64, 256, 4, 4)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in table]
+
+
+def _check_device(*named):
+    first = named[0][1]
+    for name, t in named:
+        if t is not None:
+            check_kernel_device(t, name)
+            if t.device != first.device:
+                raise ValueError(f"{name} is on {t.device} but {named[0][0]} is on {first.device}")
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (Xq int8 [..., K], Δx fp32 [..., 1]), symmetric absmax per token."""
+    require_triton("quantize_per_token")
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., K] with K > 0, got {tuple(x.shape)}")
+    _check_device(("x", x))
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    q = torch.empty(x2.shape, device=x.device, dtype=torch.int8)
+    s = torch.empty(x2.shape[0], 1, device=x.device, dtype=torch.float32)
+    if x2.shape[0]:
+        block = 256 if is_interpreter() else min(4096, triton.next_power_of_2(K))
+        _quantize_per_token_kernel[(x2.shape[0],)](x2, q, s, K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
+                                                    BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                config: dict | None = None) -> torch.Tensor:
+    """Y = Δx ⊙ (Xq Wqᵀ) ⊙ Δwᵀ (+ bias): Xq int8 [..., K], Δx [..., 1], Wq int8 [N, K], Δw [N, 1] -> [..., N]."""
+    require_triton("w8a8_matmul")
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8:
+        raise TypeError(f"xq and wq must be int8 (symmetric codes), got {xq.dtype} and {wq.dtype}")
+    if xq.dim() < 1 or wq.dim() != 2 or wq.shape[1] != xq.shape[-1]:
+        raise ValueError(f"need xq [..., K] and wq [N, K] with the same K, got {tuple(xq.shape)} and {tuple(wq.shape)}")
+    N, K = wq.shape
+    if x_scale.shape != (*xq.shape[:-1], 1) or not x_scale.is_floating_point():
+        raise ValueError(f"x_scale must be float [..., 1] = {(*xq.shape[:-1], 1)} (per token), got {tuple(x_scale.shape)}")
+    if w_scale.shape not in ((N, 1), (N,)) or not w_scale.is_floating_point():
+        raise ValueError(f"w_scale must be float [N={N}, 1] (per output channel; no groups in W8A8), got {tuple(w_scale.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be None or [N={N}], got {tuple(bias.shape)}")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    _check_device(("xq", xq), ("x_scale", x_scale), ("wq", wq), ("w_scale", w_scale), ("bias", bias))
+    a = xq.reshape(-1, K)
+    sa = x_scale.reshape(-1).float().contiguous()
+    M = a.shape[0]
+    out = torch.empty(M, N, device=xq.device, dtype=out_dtype)
+    if M:
+        def run(cfg: dict) -> torch.Tensor:
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+            _w8a8_gemm_kernel[grid](
+                a, wq, sa, w_scale, bias if bias is not None else out, out, M, N, K,
+                a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), w_scale.stride(0), out.stride(0), out.stride(1),
+                HAS_BIAS=bias is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            return out
+
+        key = (m_bucket(M), N, K, bias is not None, out_dtype)
+        run(pick_config("w8a8", key, [config] if config is not None else _gemm_configs(), run))
+    return out.reshape(*xq.shape[:-1], N)
+
+
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SmoothQuant's linear layer: quantize x per token (kernel 1), int8 GEMM with the scale epilogue (kernel 2)."""
+    xq, x_scale = quantize_per_token(x)
+    return w8a8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype=x.dtype)
+
+
+# -- references -------------------------------------------------------------------------------------
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    qt = quantize(x, 8, symmetric=True, granularity="token")
+    return qt.q.to(torch.int8), qt.scale
+
+
+def w8a8_matmul_reference(xq, x_scale, wq, w_scale, bias=None) -> torch.Tensor:
+    """In fp64: exact integer sums (|Σ| < 2^53), then the scales."""
+    y = (xq.double() @ wq.double().T) * x_scale.double() * w_scale.double().reshape(-1)
+    return y if bias is None else y + bias.double()
+
+
+def w8a8_linear_reference(x, wq, w_scale, bias=None) -> torch.Tensor:
+    return w8a8_matmul_reference(*quantize_per_token_reference(x), wq, w_scale, bias)
+
+
+if __name__ == "__main__":
+    from mlsys_ref.backend import default_device
+    from mlsys_ref.testing import max_error, tolerance
+
+    torch.manual_seed(0)
+    device, dtype = default_device(), torch.float16
+    W = torch.randn(45, 200) * 0.05
+    qt = quantize(W, 8, symmetric=True, granularity="channel")
+    wq, w_scale = qt.q.to(torch.int8).to(device), qt.scale.to(device)
+    for M in (1, 3, 17):
+        x = torch.randn(M, 200, device=device, dtype=dtype)
+        xq, xs = quantize_per_token(x)
+        xq_ref, xs_ref = quantize_per_token_reference(x)
+        y, ref = w8a8_linear(x, wq, w_scale), w8a8_linear_reference(x, wq, w_scale)
+        print(f"M={M:2d}: codes equal to torch's {torch.equal(xq, xq_ref)}, scales max error "
+              f"{max_error(xs, xs_ref):.1e}; W8A8 vs reference {max_error(y, ref):.2e} (fp16 atol {tolerance(dtype).atol})")

@@ -1,0 +1,83 @@
+"""W8A8 (SmoothQuant's kernel): per-token quantization kernel and int8 GEMM against the references."""
+
+import pytest
+import torch
+
+from mlsys_ref.quant.primitives import quantize
+from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, quantize_per_token_reference, w8a8_linear,
+                                          w8a8_linear_reference, w8a8_matmul, w8a8_matmul_reference)
+from mlsys_ref.testing import assert_close
+
+
+def int8_weight(N, K, device):
+    qt = quantize(torch.randn(N, K) * 0.05, 8, symmetric=True, granularity="channel")
+    return qt.q.to(torch.int8).to(device), qt.scale.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 75), (3, 300), (2, 3, 17)])
+def test_quantize_per_token_equals_torch(device, dtype, shape):
+    x = torch.randn(shape, device=device, dtype=dtype) * 3
+    x[..., 0, :] = 0  # an all-zero token (scale 1, codes 0)
+    q, s = quantize_per_token(x)
+    q_ref, s_ref = quantize_per_token_reference(x)
+    assert q.dtype == torch.int8 and s.shape == (*shape[:-1], 1)
+    assert torch.equal(q.cpu(), q_ref.cpu())
+    assert_close(s, s_ref, torch.float32)
+
+
+def test_round_half_to_even_like_torch(device):
+    """Ties land on even codes exactly as torch.round does (the row's absmax 127 makes Δx = 1)."""
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 126.5]], device=device)
+    q, s = quantize_per_token(x)
+    assert float(s) == 1.0
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 3, 126]]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 45, 75), (3, 45, 200), (17, 33, 64), (40, 70, 130)])
+def test_int8_gemm_matches_fp64(device, M, N, K, bias):
+    wq, w_scale = int8_weight(N, K, device)
+    xq, x_scale = quantize_per_token(torch.randn(M, K, device=device))
+    b = torch.randn(N, device=device) if bias else None
+    y = w8a8_matmul(xq, x_scale, wq, w_scale, b, out_dtype=torch.float32)
+    assert_close(y, w8a8_matmul_reference(xq, x_scale, wq, w_scale, b), torch.float32)
+
+
+@pytest.mark.parametrize("M", [1, 17])
+def test_w8a8_linear_fp16(device, M):
+    wq, w_scale = int8_weight(45, 96, device)
+    x = torch.randn(M, 96, device=device, dtype=torch.float16)
+    y = w8a8_linear(x, wq, w_scale)
+    assert y.dtype == torch.float16
+    assert_close(y, w8a8_linear_reference(x, wq, w_scale), torch.float16)
+
+
+def test_bad_inputs_raise(device):
+    wq, w_scale = int8_weight(8, 32, device)
+    xq, xs = quantize_per_token(torch.randn(2, 32, device=device))
+    with pytest.raises(TypeError, match="x must be"):
+        quantize_per_token(torch.ones(2, 3, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="int8"):
+        w8a8_matmul(xq.float(), xs, wq, w_scale)
+    with pytest.raises(ValueError, match="same K"):
+        w8a8_matmul(xq[:, :16], xs, wq, w_scale)
+    with pytest.raises(ValueError, match="per token"):
+        w8a8_matmul(xq, xs[:1], wq, w_scale)
+    with pytest.raises(ValueError, match="no groups"):
+        w8a8_matmul(xq, xs, wq, w_scale.repeat(1, 2))
+    with pytest.raises(ValueError, match="bias"):
+        w8a8_matmul(xq, xs, wq, w_scale, torch.zeros(3, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 256, 1000])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_gpu_bf16_large(M, N, K):
+    wq, w_scale = int8_weight(N, K, "cuda")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quantize_per_token(x)
+    q_ref, s_ref = quantize_per_token_reference(x)
+    assert torch.equal(xq, q_ref)
+    assert_close(xs, s_ref, torch.float32)
+    assert_close(w8a8_linear(x, wq, w_scale), w8a8_linear_reference(x, wq, w_scale), torch.bfloat16)
