@@ -65,9 +65,29 @@ def _gptq_vs_reference(device: torch.device) -> tuple[float, float]:
     return max_error(fast.dequantize(), slow.dequantize()), tolerance(torch.float64).atol
 
 
+def _w4a16_kernel_vs_dequant(device: torch.device) -> tuple[float, float]:
+    """Triton W4A16 (GEMV at M = 1, GEMM at M = 37) vs dequantize-then-matmul, act-order, g32 asymmetric."""
+    from mlsys_ref.quant.linear import QuantizedLinear
+    from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
+
+    ql = QuantizedLinear.from_linear(nn.Linear(160, 45), 4, 32, symmetric=False).to(device)
+    ql = QuantizedLinear.from_codes(ql.codes(), ql.scales, ql.zeros, 4, perm=torch.randperm(160, device=device))
+    args = (ql.qweight, ql.scales, ql.zeros)
+    table, error, bound = tolerance(torch.float16), 0.0, float("inf")
+    for M in (1, 37):
+        x = torch.randn(M, 160, device=device, dtype=torch.float16)
+        y = quant_matmul(x, *args, bits=4, perm=ql.perm)
+        expected = quant_matmul_reference(x.double(), *args, bits=4, perm=ql.perm)
+        error = max(error, max_error(y, expected))
+        bound = min(bound, table.atol + table.rtol * float(expected.abs().max()))  # the table's bound at |y|max
+    return error, bound
+
+
 CHECKS = [
     Check("int4 pack/unpack round trip", "Frantar et al. 2022 §5 (storage)", _int4_pack_round_trip),
     Check("LLM.int8() vs fp matmul (error/bound)", "Dettmers et al. 2022 §3", _llm_int8_vs_fp),
     Check("SmoothQuant smoothing is an identity", "Xiao et al. 2023 §4", _smoothquant_identity),
     Check("GPTQ vs column-by-column reference", "Frantar et al. 2022 Alg. 1", _gptq_vs_reference),
+    Check("W4A16 Triton kernel vs dequantize-then-matmul", "Frantar et al. 2022 §5; Frantar et al. 2024 §3",
+          _w4a16_kernel_vs_dequant),
 ]
