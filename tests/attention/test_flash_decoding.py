@@ -1,0 +1,71 @@
+"""Flash-decoding (split-KV + combine) against the reference, per sequence over its valid cache entries."""
+
+import pytest
+import torch
+
+from mlsys_ref.attention.flash_decoding import flash_decode
+from mlsys_ref.attention.reference import attention_reference
+from mlsys_ref.testing import assert_close
+
+
+def _expected(q, k_cache, v_cache, lengths, scale=None):
+    """The reference, one sequence at a time over its first ``lengths[b]`` cache entries (bottom-right causal)."""
+    outs = [attention_reference(q[b:b + 1].float(), k_cache[b:b + 1, :, :n].float(), v_cache[b:b + 1, :, :n].float(),
+                                causal=True, scale=scale)[0] for b, n in enumerate(lengths)]
+    return torch.cat(outs)
+
+
+CASES = [  # batch, Hq, Hkv, q_len, cache_len, lengths (None: all), num_splits, head_dim
+    (2, 4, 4, 1, 37, None, None, 32),  # MHA, one token, default splits
+    (3, 8, 2, 1, 45, [45, 20, 1], 3, 32),  # GQA 4:1, cache_seqlens < S, a sequence of one token
+    (2, 4, 1, 16, 37, [37, 10], 2, 32),  # MQA, 16 new tokens (more than some caches hold: rows see nothing)
+    (1, 6, 2, 5, 50, [33], 7, 80),  # head_dim 80, more splits than needed (empty splits)
+]
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,q_len,cache_len,lengths,num_splits,head_dim", CASES)
+def test_matches_reference(batch, q_heads, kv_heads, q_len, cache_len, lengths, num_splits, head_dim, device):
+    q = torch.randn(batch, q_heads, q_len, head_dim, device=device)
+    k_cache, v_cache = (torch.randn(batch, kv_heads, cache_len, head_dim, device=device) for _ in range(2))
+    seqlens = torch.tensor(lengths, device=device, dtype=torch.int32) if lengths else None
+    out = flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits)
+    assert_close(out, _expected(q, k_cache, v_cache, lengths or [cache_len] * batch))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_splits_do_not_change_the_result_fp16(num_splits, device):
+    q = torch.randn(2, 4, 3, 64, device=device, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(2, 2, 41, 64, device=device, dtype=torch.float16) for _ in range(2))
+    seqlens = torch.tensor([41, 18], device=device)
+    out = flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits, scale=0.2)
+    assert_close(out, _expected(q, k_cache, v_cache, [41, 18], scale=0.2).half())
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_bad_inputs_raise(case, device):
+    q = torch.randn(1, 4, 1, 32, device=device)
+    cache = torch.randn(1, 2, 16, 32, device=device)
+    calls = [
+        (ValueError, lambda: flash_decode(q[0], cache, cache)),  # wrong rank
+        (TypeError, lambda: flash_decode(q, cache.half(), cache)),  # mismatched dtypes
+        (ValueError, lambda: flash_decode(q, torch.randn(1, 3, 16, 32, device=device), torch.randn(1, 3, 16, 32, device=device))),
+        (ValueError, lambda: flash_decode(torch.randn(1, 4, 17, 32, device=device), cache, cache)),  # q_len > 16
+        (ValueError, lambda: flash_decode(q, cache, cache, cache_seqlens=torch.ones(2, dtype=torch.int32, device=device))),
+        (ValueError, lambda: flash_decode(q, cache, cache, num_splits=0)),
+        (ValueError, lambda: flash_decode(torch.randn(1, 4, 1, 8, device=device), cache[..., :8], cache[..., :8])),
+    ]
+    error, call = calls[case]
+    with pytest.raises(error):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,cache_len,q_len", [(8, 4096, 1), (4, 4096, 4), (1, 32768, 1)])
+def test_gpu_bf16_long_cache(batch, cache_len, q_len, device):
+    q = torch.randn(batch, 32, q_len, 128, device=device, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(batch, 8, cache_len, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.randint(cache_len // 2, cache_len + 1, (batch,)).tolist()
+    lengths[0] = cache_len
+    seqlens = torch.tensor(lengths, device=device, dtype=torch.int32)
+    out = flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens)
+    assert_close(out, _expected(q, k_cache, v_cache, lengths).to(torch.bfloat16), torch.bfloat16)
