@@ -9,8 +9,8 @@ evicted least-recently-used. Cache per layer: ``[num_blocks, block_size, Hkv, D]
 (sequence, position) is ``block_table[position // block_size] * block_size + position % block_size``.
 
 The one idea to notice: memory is handed out a block at a time, so a sequence wastes at most
-``block_size - 1`` slots (in its last block), not everything up to the maximum length.
-Left out: swapping to CPU (§4.5; we preempt by recompute), beam search, hash salts, window freeing.
+``block_size - 1`` slots, not everything up to the maximum length. Left out: swapping to CPU (§4.5;
+we preempt by recompute), beam search, hash salts, sliding-window freeing.
 
 Engine protocol: ``allocate`` a prompt (returns how many leading tokens are cached), ``append_slot``
 before each new token, apply ``copy_on_write_pending()`` to every layer with ``copy_blocks``,
@@ -60,9 +60,7 @@ def _write_kv_kernel(
     tl.store(v_dst, v, mask=mask)
 
 
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write ``k``, ``v`` ``[T, Hkv, D]`` into ``k_cache``/``v_cache`` ``[num_blocks, block_size, Hkv, D]``
     at ``slot_mapping`` ``[T]`` (int64; -1 = skip that token), in place."""
     require_triton("write_kv")
@@ -83,11 +81,8 @@ def write_kv(
     if k.shape[0] == 0:
         return
     _write_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        num_heads, head_dim, block_size,
+        k, v, k_cache, v_cache, slot_mapping, *k.stride()[:2], *v.stride()[:2],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], num_heads, head_dim, block_size,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
     )
 
@@ -95,18 +90,15 @@ def write_kv(
 def write_kv_reference(k_cache, v_cache, k, v, slot_mapping) -> None:
     """The same as :func:`write_kv` with PyTorch indexing (the reference tests compare against)."""
     keep = slot_mapping >= 0
-    block_size = k_cache.shape[1]
-    slots = slot_mapping[keep]
-    k_cache[slots // block_size, slots % block_size] = k[keep]
-    v_cache[slots // block_size, slots % block_size] = v[keep]
+    blocks, rows = slot_mapping[keep] // k_cache.shape[1], slot_mapping[keep] % k_cache.shape[1]
+    k_cache[blocks, rows], v_cache[blocks, rows] = k[keep], v[keep]
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
     """Copy-on-write on the tensors: for each ``(src, dst)`` physical block pair, ``cache[dst] = cache[src]``."""
     if not pairs:
         return
-    src = torch.tensor([p[0] for p in pairs], device=k_cache.device)
-    dst = torch.tensor([p[1] for p in pairs], device=k_cache.device)
+    src, dst = torch.tensor(list(pairs), device=k_cache.device).T
     k_cache[dst] = k_cache[src]
     v_cache[dst] = v_cache[src]
 
@@ -114,8 +106,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, pairs: Sequence[tu
 def allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
     """Per-layer ``(k_cache, v_cache)`` pairs, zero-filled, ``[num_blocks, block_size, Hkv, D]`` each."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)]
+    return [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)) for _ in range(num_layers)]
 
 
 # ----------------------------------------------------------------------------- block manager
@@ -156,7 +147,7 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching, self.verbose = enable_prefix_caching, verbose
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_list: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out block 0 first
+        self.free_list = list(range(num_blocks - 1, -1, -1))  # pop() hands out block 0 first
         self.cached: OrderedDict[int, None] = OrderedDict()  # ref-0 hashed blocks, least recently used first
         self.hash_to_block: dict[int, int] = {}
         self.seqs: dict[object, _Sequence] = {}
@@ -198,11 +189,8 @@ class BlockManager:
 
     def _prefix_hits(self, token_ids: Sequence[int]) -> list[int]:
         """Physical blocks holding the longest cached prefix (full blocks, leaving >= 1 token to compute)."""
-        hits: list[int] = []
-        if not self.enable_prefix_caching:
-            return hits
-        prefix_hash = None
-        for i in range((len(token_ids) - 1) // self.block_size):
+        hits, prefix_hash = [], None
+        for i in range((len(token_ids) - 1) // self.block_size if self.enable_prefix_caching else 0):
             tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             prefix_hash = block_hash(tokens, prefix_hash)
             block_id = self.hash_to_block.get(prefix_hash)
@@ -237,12 +225,11 @@ class BlockManager:
         if not self.can_allocate(token_ids):
             raise RuntimeError(f"not enough free blocks for {len(token_ids)} tokens: check can_allocate first")
         hits = self._prefix_hits(token_ids)
-        table = []
         for block_id in hits:
             if self.blocks[block_id].ref_count == 0:
-                del self.cached[block_id]
+                del self.cached[block_id]  # revived: no longer evictable
             self.blocks[block_id].ref_count += 1
-            table.append(block_id)
+        table = list(hits)
         while len(table) * self.block_size < len(token_ids):
             table.append(self._take_block())
         num_cached = len(hits) * self.block_size
@@ -254,11 +241,10 @@ class BlockManager:
 
     def can_append(self, seq_id) -> bool:
         """Whether one more token fits: a fresh block or a copy-on-write copy, if needed, is available."""
-        return not self._needs_new_block(self._seq(seq_id)) or self._num_available() >= 1
-
-    def _needs_new_block(self, seq: _Sequence) -> bool:
+        seq = self._seq(seq_id)
         index = len(seq.token_ids) // self.block_size
-        return index == len(seq.block_table) or self.blocks[seq.block_table[index]].ref_count > 1
+        needs_block = index == len(seq.block_table) or self.blocks[seq.block_table[index]].ref_count > 1
+        return not needs_block or self._num_available() >= 1
 
     def append_slot(self, seq_id, token_id: int) -> None:
         """Make room for one more token at position ``num_tokens(seq_id)``: a new block when the last
@@ -306,7 +292,7 @@ class BlockManager:
         """Logical block -> physical block of this sequence (a copy)."""
         return list(self._seq(seq_id).block_table)
 
-    def num_tokens(self, seq_id) -> int:
+    def num_tokens(self, seq_id) -> int:  # tokens with a slot, computed or not
         return len(self._seq(seq_id).token_ids)
 
     def slot_mapping(self, seq_id, start: int, end: int) -> list[int]:
@@ -319,8 +305,8 @@ class BlockManager:
 
     def free(self, seq_id) -> None:
         """Release every block of the sequence; hashed blocks stay cached (tail first, so evicted first)."""
-        self._seq(seq_id)
-        seq = self.seqs.pop(seq_id)
+        seq = self._seq(seq_id)
+        del self.seqs[seq_id]
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         self._log(f"free seq {seq_id}: {len(seq.block_table)} blocks")
@@ -335,7 +321,7 @@ class BlockManager:
             self._release(block_id)
         del seq.block_table[keep:], seq.token_ids[num_tokens:]
         seq.num_computed = min(seq.num_computed, num_tokens)
-        del seq.hashes[num_tokens // self.block_size:]
+        del seq.hashes[num_tokens // self.block_size:]  # full blocks before num_tokens keep their names
         self._log(f"truncate seq {seq_id} to {num_tokens} tokens")
 
     def fork(self, parent_id, child_id) -> None:
@@ -387,8 +373,7 @@ class BlockManager:
         for seq_id, seq in self.seqs.items():
             table = " ".join(f"{b}(r{self.blocks[b].ref_count}{'#' if self.blocks[b].hash is not None else ''})" for b in seq.block_table)
             lines.append(f"  seq {seq_id!s:>6}: {len(seq.token_ids):4d} tokens -> [{table}]")
-        lines.append(f"  free list: {self.free_list[::-1]}")
-        lines.append(f"  cached (LRU first): {list(self.cached)}")
+        lines += [f"  free list: {self.free_list[::-1]}", f"  cached (LRU first): {list(self.cached)}"]
         return "\n".join(lines)
 
 
@@ -410,6 +395,5 @@ if __name__ == "__main__":
     slots = torch.tensor(manager.slot_mapping("a", 0, 11) + [-1], device=k_cache.device)
     k, v = torch.randn(2, 12, 2, 32, device=k_cache.device)
     write_kv(k_cache, v_cache, k, v, slots)
-    k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-    write_kv_reference(k_ref, v_ref, k, v, slots)
+    write_kv_reference(k_ref := torch.zeros_like(k_cache), v_ref := torch.zeros_like(v_cache), k, v, slots)
     print(f"write_kv vs reference: max error {max(max_error(k_cache, k_ref), max_error(v_cache, v_ref)):.1e}")
