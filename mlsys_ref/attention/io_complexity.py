@@ -104,3 +104,12 @@ def softmax_hbm(n: int, algorithm: str, on_chip: int | None = None) -> int:
         if n <= on_chip:
             return 2 * n
     return (_SOFTMAX_PASSES[algorithm] + 1) * n
+
+
+if __name__ == "__main__":
+    d = 64
+    print(f"HBM accesses (elements) of one head's forward, d = {d}; FlashAttention with SRAM of M elements")
+    print(f"{'N':>6} {'standard':>12} " + " ".join(f"{'M=' + str(M):>12}" for M in (2**14, 2**16, 2**18)))
+    for N in (1024, 4096, 16384):
+        flash = " ".join(f"{flash1_hbm(N, d, M):12d}" for M in (2**14, 2**16, 2**18))
+        print(f"{N:6d} {standard_attention_hbm(N, d):12d} {flash}")

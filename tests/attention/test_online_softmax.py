@@ -101,8 +101,8 @@ def test_large_magnitudes_fp16(device, block_size):
     dtype=st.sampled_from([torch.float32, torch.float16]),
     scale=st.sampled_from([1.0, 100.0]),
 )
-def test_kernel_hypothesis(rows, n, block_size, dtype, scale):
-    x = (torch.randn(rows, n) * scale).to(dtype)
+def test_kernel_hypothesis(device, rows, n, block_size, dtype, scale):
+    x = (torch.randn(rows, n, device=device) * scale).to(dtype)
     assert_close(softmax(x, block_size=block_size), _expected(x), dtype)
 
 
