@@ -21,9 +21,11 @@ Two kernels:
 
 Choices: a BLOCK_K chunk never straddles a quantization group (BLOCK_K divides group_size), so
 scales and zeros are one value per row per chunk; the int4 pair (even k, odd k) is handled as two
-half-chunks against x[k0 + 2j] and x[k0 + 2j + 1] (strided loads of the small activation) instead
-of interleaving the nibbles in registers; act-order permutes x once *before* the kernel
-(``x[..., perm]``: M·K elements, negligible next to N·K weights) so the kernel never gathers.
+half-chunks against x[k0 + 2j] and x[k0 + 2j + 1] instead of interleaving nibbles in registers, and
+for 16-bit x that pair is one int32 word, so x is read as int32 [M, K/2] with wide contiguous loads
+and split with two shifts (fp32 x: two strided loads); act-order permutes x once *before* the
+kernel (``x[..., perm]``: M·K elements, negligible next to N·K weights) so the kernel never gathers.
+The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validates and launches.
 
 Left out: Marlin's offline weight reshuffle into tensor-core fragment order, asynchronous
 global->shared pipelines written by hand, and stream-K; int3 and int2 (use the PyTorch path).
@@ -41,148 +43,10 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl, triton
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
+from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, gemm_configs, gemv_configs
 from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "dequantize_weight", "use_kernels", "kernel_applies"]
-
-
-@triton.jit
-def _unsigned_codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Stored bytes -> unsigned codes u of sub-column t, as exact fp32 (u - ZERO_SHIFT = code)."""
-    if BITS == 4:
-        u = (p.to(tl.int32) >> (4 * t)) & 0xF
-    elif SIGNED:
-        u = p.to(tl.int32) + 128  # int8 codes shifted to [0, 255]
-    else:
-        u = p.to(tl.int32)
-    # 0x4B000000 is 2^23 in fp32: OR-ing u < 2^23 into its mantissa gives the float 2^23 + u exactly,
-    # an integer-unit op instead of the slow int->float conversion (16/clk/SM on Hopper)
-    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_size, k_per_split,
-                  stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg,
-                  stride_os, stride_om, stride_on,
-                  BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    PACK: tl.constexpr = 8 // BITS  # codes per stored byte
-    BLOCK_KP: tl.constexpr = BLOCK_K // PACK  # stored bytes per row per chunk
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_j = tl.arange(0, BLOCK_KP)
-    n_mask = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T tile
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        # -- one contiguous strip of packed weights: [BLOCK_N, BLOCK_KP] bytes
-        kp = k0 // PACK + offs_j
-        if EVEN_K:
-            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None], other=0)
-        else:
-            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None] & (kp[None, :] < K // PACK), other=0)
-        # -- the chunk lies in one group: one scale (and zero) per row
-        g = k0 // group_size
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        z = tl.zeros([BLOCK_N], dtype=tl.float32) + ZERO_SHIFT
-        if HAS_ZEROS:
-            z += tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for t in tl.static_range(PACK):
-            w = _unsigned_codes(p, t, BITS, SIGNED) - z[:, None]  # integer-valued (q - z), [BLOCK_N, BLOCK_KP]
-            xk = k0 + offs_j * PACK + t  # the input columns these codes multiply
-            if BLOCK_M == 1:
-                xv = tl.load(x_ptr + xk * stride_xk, mask=xk < K, other=0).to(tl.float32)  # [BLOCK_KP]
-                part += tl.sum(w * xv[None, :], axis=1)[:, None]
-            else:
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None] * stride_xk,
-                             mask=(offs_m[None, :] < M) & (xk[:, None] < K), other=0)  # x^T [BLOCK_KP, BLOCK_M]
-                part += tl.dot(w.to(DOT), xt.to(DOT), input_precision=PRECISION)
-        acc += part * s[:, None]  # scale once per chunk, not once per weight
-    out_mask = n_mask[:, None] & (offs_m[None, :] < M)
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partial sums, reduced by _splitk_reduce_kernel
-
-
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """out[m, n] = Σ_s workspace[s, m, n] (+ bias[n]), all contiguous."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + split * MN + offs, mask=mask, other=0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_size,
-                  stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
-                  BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    PACK: tl.constexpr = 8 // BITS
-    BLOCK_KP: tl.constexpr = BLOCK_K // PACK
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)  # axis 0 fastest: M tiles of one weight strip together
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_KP)
-    m_mask, n_mask = offs_m < M, offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T tile: the weight is dot's left operand
-    for k0 in range(0, K, BLOCK_K):
-        kp = k0 // PACK + offs_j
-        if EVEN_K:
-            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None], other=0)
-        else:
-            p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None] & (kp[None, :] < K // PACK), other=0)
-        g = k0 // group_size
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        z = tl.zeros([BLOCK_N], dtype=tl.float32) + ZERO_SHIFT
-        if HAS_ZEROS:
-            z += tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        for t in tl.static_range(PACK):
-            # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (u - z) * s, in the dot's dtype
-            w = ((_unsigned_codes(p, t, BITS, SIGNED) - z[:, None]) * s[:, None]).to(DOT)
-            xk = k0 + offs_j * PACK + t
-            xt = tl.load(x_cols + xk[:, None] * stride_xk, mask=m_mask[None, :] & (xk[:, None] < K), other=0)
-            acc = tl.dot(w, xt.to(DOT), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
-
-
-# -- configs: ONE under the interpreter (big tiles: the interpreter pays per program, not per element)
-def _gemv_configs(M: int) -> list[dict]:
-    if is_interpreter():
-        return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
-    table = [(16, 128, 1, 4), (32, 128, 1, 4), (64, 128, 1, 4), (32, 256, 1, 4), (16, 512, 1, 4),
-             (32, 128, 2, 4), (16, 256, 2, 4), (32, 128, 4, 4), (64, 64, 2, 4), (128, 128, 1, 8)]
-    if M > 1:  # tl.dot needs BLOCK_N >= 16 and favours wider N tiles
-        table = [(n, k, s, w) for n, k, s, w in table if n >= 32] + [(128, 64, 2, 4), (64, 128, 4, 4)]
-    return [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=3) for n, k, s, w in table]
-
-
-def _gemm_configs() -> list[dict]:
-    if is_interpreter():
-        return [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)]
-    table = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (32, 128, 128, 4, 3),
-             (64, 256, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 8, 3)]
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in table]
 
 
 def _fit_block_k(config: dict, group_size: int, K: int, min_block: int) -> dict:
@@ -235,20 +99,26 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     """x2 [M, K] (already permuted) -> y [M, N] in x2's dtype; ``config`` pins the tile choice (tests)."""
     require_triton("quant_matmul")
     M, K = x2.shape
-    N = qweight.shape[0]
-    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    N, x_dtype = qweight.shape[0], x2.dtype
+    out = torch.empty(M, N, device=x2.device, dtype=x_dtype)
     if M == 0:
         return out
     fp32_dot = x2.dtype == torch.float32 or is_interpreter()  # bf16 tl.dot is wrong under the interpreter
     signed = qweight.dtype == torch.int8
+    x_pairs = bits == 4 and x2.dtype != torch.float32
+    if x_pairs:  # read x as int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1]), the pair one int4 byte multiplies
+        if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        x2 = x2.view(torch.int32)
     common = dict(BITS=bits, SIGNED=signed, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
                   ZERO_SHIFT=128 if signed else (8 if bits == 4 and zeros is None else 0),
-                  DOT=tl.float32 if fp32_dot else (tl.float16 if x2.dtype == torch.float16 else tl.bfloat16),
+                  X_PAIRS=x_pairs, IS_BF16=x_dtype == torch.bfloat16,
+                  DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
                   PRECISION="ieee" if fp32_dot else "tf32")
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     b = bias if bias is not None else out
     min_block = 32 if bits == 4 else 16
-    key = (m_bucket(M), N, K, group_size, bits, signed, zeros is not None, bias is not None, x2.dtype)
+    key = (m_bucket(M), N, K, group_size, bits, signed, zeros is not None, bias is not None, x_dtype)
 
     if M <= 16:
         block_m = 1 if M == 1 else 16
@@ -264,7 +134,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
                 x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
                 target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
                 SPLIT_K=split, EVEN_K=K % block_k == 0,  # chunks start at multiples of block_k
-                BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                XT=tl.float32 if block_m == 1 else common["DOT"], BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
             if split > 1:
                 block = 1024
@@ -272,7 +142,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
                     target, b, out, M * N, N, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
             return out
 
-        candidates = [config] if config is not None else _gemv_configs(M)
+        candidates = [config] if config is not None else gemv_configs(M)
         return run(pick_config("qgemv", key, candidates, run))
 
     def run(cfg: dict) -> torch.Tensor:
@@ -286,7 +156,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         return out
 
-    candidates = [config] if config is not None else _gemm_configs()
+    candidates = [config] if config is not None else gemm_configs()
     return run(pick_config("qgemm", key, candidates, run))
 
 
