@@ -1,20 +1,35 @@
-"""Attention: reference attention, online softmax, FlashAttention (PyTorch and Triton), flash-decoding."""
+"""Attention: reference attention, online softmax, FlashAttention (PyTorch and Triton), flash-decoding.
 
-from mlsys_ref.attention.flash_decoding import flash_decode
-from mlsys_ref.attention.flash_torch import flash_attention_torch
-from mlsys_ref.attention.flash_triton import flash_attention, flash_attention_varlen
-from mlsys_ref.attention.online_softmax import online_normalizer, softmax, softmax_online, softmax_three_pass
-from mlsys_ref.attention.reference import attention_reference, attention_varlen_reference
+Names are imported lazily (PEP 562), so ``python -m mlsys_ref.attention.<module>`` runs each module's demo
+without importing it twice, and importing the package stays cheap.
+"""
 
-__all__ = [
-    "attention_reference",
-    "attention_varlen_reference",
-    "flash_attention",
-    "flash_attention_torch",
-    "flash_attention_varlen",
-    "flash_decode",
-    "online_normalizer",
-    "softmax",
-    "softmax_online",
-    "softmax_three_pass",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "attention_reference": "reference",
+    "attention_varlen_reference": "reference",
+    "softmax_three_pass": "online_softmax",
+    "softmax_online": "online_softmax",
+    "online_normalizer": "online_softmax",
+    "softmax": "online_softmax",
+    "flash_attention_torch": "flash_torch",
+    "flash_attention": "flash_triton",
+    "flash_attention_varlen": "flash_triton",
+    "flash_decode": "flash_decoding",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mlsys_ref.attention' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mlsys_ref.attention.{_WHERE[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

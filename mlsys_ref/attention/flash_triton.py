@@ -139,7 +139,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 SLOPES, CU_Q, CU_K, stride_slope_b, seqlen_q, seqlen_k, group, window, bucket_q, bucket_k,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    ACC = LSE.dtype.element_ty  # accumulators: fp32 (fp64 for fp64 inputs), the dtype of the saved lse
     start_m = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads).to(tl.int64)
     off_h = (tl.program_id(1) % num_heads).to(tl.int64)
@@ -232,7 +233,6 @@ def _options(q: torch.Tensor) -> dict:
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),  # pad 80 -> 128 etc.; loads mask the padding
         UPCAST=q.dtype == torch.bfloat16 and is_interpreter(),
         PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",  # fp32 must match to 1e-5: no TF32
-        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
     )
 
 

@@ -29,8 +29,9 @@ __all__ = ["flash_backward"]
 @triton.jit
 def _preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_heads,
                        CU_Q, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       VARLEN: tl.constexpr, ACC: tl.constexpr):
+                       VARLEN: tl.constexpr):
     """D_i = rowsum(dO_i ∘ O_i) (Algorithm 2, line 4); O and dO share one layout."""
+    ACC = DELTA.dtype.element_ty
     start_m = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads).to(tl.int64)
     off_h = (tl.program_id(1) % num_heads).to(tl.int64)
@@ -79,7 +80,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                  SLOPES, CU_Q, CU_K, stride_slope_b, seqlen_q, seqlen_k, group, window, bucket_q, bucket_k,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    ACC = LSE.dtype.element_ty  # accumulators: fp32 (fp64 for fp64 inputs), the dtype of the saved lse
     start_n = tl.program_id(0)
     off_b = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     off_hk = (tl.program_id(1) % num_kv_heads).to(tl.int64)
@@ -164,7 +166,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                SLOPES, CU_Q, CU_K, stride_slope_b, seqlen_q, seqlen_k, group, window, bucket_q, bucket_k,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    ACC = LSE.dtype.element_ty  # accumulators: fp32 (fp64 for fp64 inputs), the dtype of the saved lse
     start_m = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads).to(tl.int64)
     off_h = (tl.program_id(1) % num_heads).to(tl.int64)
@@ -214,7 +217,7 @@ def flash_backward(q, k, v, out, lse, grad_out, grad_lse, problem: _Problem):
     block = 16 if common["BLOCK_D"] > 128 or q.device.type == "cpu" else 64
     _preprocess_kernel[(triton.cdiv(problem.seqlen_q, block), problem.batch * problem.q_heads)](
         out, grad_out, delta, *_strides(out, varlen), *lse_strides, problem.q_heads, problem.cu_q, problem.seqlen_q,
-        HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"], BLOCK_M=block, VARLEN=varlen, ACC=common["ACC"],
+        HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"], BLOCK_M=block, VARLEN=varlen,
     )
     if grad_lse is not None:  # lse = log Σ exp(S): dS gains P · dlse, i.e. D becomes D - dlse
         delta -= grad_lse.to(delta.dtype)
