@@ -82,6 +82,9 @@ def _prepare(q, k, v, scale, alibi_slopes):
 
 def flash_forward(q, k, v, causal=False, scale=None, window=None, alibi_slopes=None, Br=32, Bc=32, trace=None):
     """FlashAttention-2 Algorithm 1. q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Sk, D]`` -> (O ``[B, Hq, Sq, D]``, L ``[B, Hq, Sq]``)."""
+    _validate(q, k, v, scale, window, alibi_slopes, Br, Bc)
+    if trace is not None and not isinstance(trace, FlashTrace):
+        raise TypeError(f"trace must be a FlashTrace or None, got {type(trace).__name__}")
     compute, _, k_full, v_full, scale, slopes = _prepare(q, k, v, scale, alibi_slopes)
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
@@ -125,6 +128,10 @@ def flash_forward(q, k, v, causal=False, scale=None, window=None, alibi_slopes=N
 
 def flash_backward(q, k, v, O, L, dO, dL=None, causal=False, scale=None, window=None, alibi_slopes=None, Br=32, Bc=32):
     """FlashAttention-2 Algorithm 2 -> (dQ, dK, dV) in the dtypes of q, k, v. ``dL``: gradient of L, or None."""
+    _validate(q, k, v, scale, window, alibi_slopes, Br, Bc)
+    if O.shape != q.shape or dO.shape != q.shape or L.shape != q.shape[:3]:
+        raise ValueError(f"O and dO must be {tuple(q.shape)} and L {tuple(q.shape[:3])}, got {tuple(O.shape)}, "
+                         f"{tuple(dO.shape)}, {tuple(L.shape)}")
     compute, group, k_full, v_full, scale, slopes = _prepare(q, k, v, scale, alibi_slopes)
     q_len, kv_len = q.shape[2], k.shape[2]
     q_c, dO_c = q.to(compute), dO.to(compute)
@@ -214,7 +221,6 @@ def flash_attention_torch(
     ``return_lse``, also L ``[B, Hq, Sq]`` (fp32, fp64 for fp64 inputs). ``Br``/``Bc``: block rows of
     Q and of K/V; any positive sizes, they need not divide the sequence lengths.
     """
-    _validate(q, k, v, scale, window, alibi_slopes, Br, Bc)
     O, L = _FlashAttentionTorch.apply(q, k, v, causal, scale, window, alibi_slopes, Br, Bc)
     return (O, L) if return_lse else O
 

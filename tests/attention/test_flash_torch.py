@@ -193,3 +193,16 @@ def test_bad_input_raises():
         flash_attention_torch(q, k, v, alibi_slopes=torch.ones(2))
     with pytest.raises(TypeError, match="alibi_slopes"):
         flash_attention_torch(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="trace"):
+        flash_forward(q, k, v, trace=[])
+    with pytest.raises(ValueError, match="Br"):
+        flash_forward(q, k, v, Br=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_on_gpu(causal):
+    # Any device works for the PyTorch version; here bf16 at a larger shape on CUDA, GQA 8:2.
+    q = torch.randn(2, 8, 300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 517, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    _check_against_reference(q, k, v, 64, 128, causal=causal)
