@@ -67,7 +67,26 @@ def _write_kv_round_trip(device: torch.device) -> tuple[float, float]:
     return max(max_error(read(k_cache), k[:11]), max_error(read(v_cache), v[:11]), stray), 0.0
 
 
+def _model_cache_against_dense(device: torch.device) -> tuple[float, float]:
+    """Tiny random Llama: chunked prefill then decode through the contiguous KV cache vs dense causal recompute."""
+    from mlsys_ref.serving.generate import ContiguousKVCache
+    from mlsys_ref.serving.model import Llama, LlamaConfig
+    from mlsys_ref.testing import max_error, tolerance
+
+    model = Llama.random(LlamaConfig.tiny(), seed=0).to(device)
+    tokens = torch.randint(0, model.config.vocab_size, (29,), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = ContiguousKVCache(model.config, max_len=32, device=device)
+    logits = []
+    with torch.no_grad():
+        for start, end in [(0, 17), (17, 24)] + [(i, i + 1) for i in range(24, 29)]:  # prefill, chunk, decode
+            logits.append(model(tokens[start:end], cache.positions(end - start, device), cache.attend))
+        dense = model.forward_dense(tokens[None])[0]
+    return max_error(torch.cat(logits), dense), tolerance(torch.float32).atol
+
+
 CHECKS = [
+    Check("Llama forward with contiguous KV cache vs dense recompute", "Touvron et al. 2023 §2.2; Su et al. 2021 §3.4",
+          _model_cache_against_dense),
     Check("continuous-batching engine (greedy) vs reference generate", "Yu et al. 2022 (Orca) §3; Agrawal et al. 2024 §4",
           _engine_against_generate),
     Check("paged decode (split-KV, GQA) vs gathered reference", "Kwon et al. 2023 (vLLM) §4.1; flash-decoding",

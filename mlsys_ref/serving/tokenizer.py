@@ -22,6 +22,7 @@ segmentation the training run would have produced. Needs the ``regex`` package f
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 __all__ = ["Tokenizer", "bytes_to_unicode", "GPT2_SPLIT", "PRE_TOKENIZERS"]
@@ -90,6 +91,17 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def with_pre_tokenizer(self, pre: str) -> "Tokenizer":
+        """The same vocabulary and merges with another pre-tokenizer (e.g. "gpt2" to compare with tools that ignore "smollm")."""
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unsupported pre-tokenizer {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
+        other = copy.copy(self)
+        isolate_digits, split = PRE_TOKENIZERS[pre]
+        other.pre, other._split = pre, _regex().compile(split)
+        other._digits = _regex().compile(r"\p{N}") if isolate_digits else None
+        other._bpe = lru_cache(maxsize=1 << 16)(other._bpe_uncached)
+        return other
 
     # -- stage 2: pre-tokenization
     def pre_tokenize(self, text: str) -> list[str]:
