@@ -33,7 +33,7 @@ from mlsys_ref.parallel.reference import ModelConfig, RMSNorm, causal_attention,
 
 __all__ = ["validate_tp", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
            "vocab_parallel_cross_entropy", "TPBlock", "ParallelTransformer", "expected_shard",
-           "allreduce_sequence_parallel_grads"]
+           "allreduce_sequence_parallel_grads", "tp_comm_bytes"]
 
 
 def validate_tp(c: ModelConfig, tp: int, seq: int | None = None, sequence_parallel: bool = False) -> None:
@@ -226,3 +226,29 @@ def allreduce_sequence_parallel_grads(model: nn.Module, group) -> None:
     for p in model.parameters():
         if getattr(p, "sequence_parallel", False) and p.grad is not None:
             all_reduce(p.grad, group, name="sp_grad_all_reduce")
+
+
+def tp_comm_bytes(c: ModelConfig, tokens: int, tp: int, sequence_parallel: bool = False, recompute: bool = False,
+                  element_size: int = 4) -> dict[str, int]:
+    """Payload bytes one rank's collectives move in one forward + backward of ``ParallelTransformer`` (comm.STATS names).
+
+    Per layer and token: 2 all-reduces of h values forward (after o_proj, after down_proj: ``g``) and
+    2 backward (``f`` before qkv and gate_up), i.e. 4·h·element_size bytes; with sequence parallelism
+    each all-reduce becomes an all-gather plus a reduce-scatter of the same payload. Recomputation
+    reruns the forward ones, except the last ``g`` of each block: torch's checkpoint stops
+    recomputing once it has every tensor backward needs, and nothing saves the MLP's output.
+    Plus the embedding (forward) and the head (backward), 3 floats per token for the
+    cross-entropy, and under SP the norm weights' gradient all-reduce.
+    """
+    if tp == 1:
+        return {}
+    activation = tokens * c.hidden * element_size  # one [tokens, hidden] tensor
+    L, r = c.layers, int(recompute)
+    out = {"ce_all_reduce": 3 * tokens * element_size}
+    if sequence_parallel:  # all-gathers: f forward, g backward, f recomputed; reduce-scatters: the conjugates
+        out["all_gather"] = ((4 + 2 * r) * L + 2) * activation
+        out["reduce_scatter"] = ((4 + r) * L + 2) * activation
+        out["sp_grad_all_reduce"] = (2 * L + 1) * c.hidden * element_size
+    else:  # g forward (2 per block + embedding), f backward (2 per block + head), g recomputed
+        out["all_reduce"] = ((4 + r) * L + 2) * activation
+    return out

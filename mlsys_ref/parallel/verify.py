@@ -30,6 +30,7 @@ import torch.distributed as dist
 from mlsys_ref.parallel.comm import STATS, all_reduce
 from mlsys_ref.parallel.launch import Grid, init_groups, spawn, validate_grid
 from mlsys_ref.parallel.pipeline_parallel import pipeline_step, stage_layers, validate_pipeline
+from mlsys_ref.parallel.recompute import measure_recompute
 from mlsys_ref.parallel.reference import ModelConfig, ReferenceModel, make_batch
 from mlsys_ref.parallel.tensor_parallel import (ParallelTransformer, allreduce_sequence_parallel_grads,
                                                 expected_shard, validate_tp)
@@ -70,7 +71,7 @@ def validate_job(job: Job, world_size: int) -> None:
     validate_tp(job.model, job.tp, job.seq, job.sequence_parallel)
     if job.batch % job.dp:
         raise ValueError(f"batch ({job.batch}) must divide by the data-parallel size ({job.dp})")
-    validate_pipeline(job.model, job.pp, job.batch // job.dp, job.micro_batches, job.schedule)
+    validate_pipeline(job.model, job.pp, job.batch // job.dp, job.micro_batches if job.pp > 1 else 1, job.schedule)
     if job.kind == "zero" and (job.tp, job.pp) != (1, 1):
         raise ValueError("a 'zero' job is data parallel only: tp and pp must be 1")
 
@@ -126,11 +127,17 @@ def _run_model(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
         opt.step()
     for name, p in stage.named_parameters():
         worst = max(worst, check(f"{name} after {job.steps} steps", p, expected_shard(p, ref, g.tp_group)))
-    return {"max_rel_error": worst, "losses": losses, "peak_in_flight": getattr(stage, "peak_in_flight", None)}
+    result = {"max_rel_error": worst, "losses": losses, "peak_in_flight": getattr(stage, "peak_in_flight", None),
+              "comm_payload_bytes": dict(STATS.payload), "comm_calls": dict(STATS.calls)}
+    if job.recompute:  # activation bytes of one block, with and without recomputation
+        x = torch.randn(job.batch // job.dp, seq, c.hidden, generator=torch.Generator().manual_seed(g.rank)).to(tokens.device)
+        result["activation_bytes"] = measure_recompute(next(iter(stage.layers.values())), x)
+    return result
 
 
 def _run_zero(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
-    model, plain = ReferenceModel(job.model), ReferenceModel(job.model)  # ZeRO and plain DP replicas
+    device = tokens.device
+    model, plain = ReferenceModel(job.model).to(device), ReferenceModel(job.model).to(device)  # ZeRO, plain DP
     hyper = dict(lr=job.adam_lr, weight_decay=0.1)
     opt = ZeroAdamW(model.parameters(), g.dp_group, stage=job.zero_stage, **hyper)
     opt_plain = torch.optim.AdamW(plain.parameters(), foreach=False, **hyper)
@@ -175,19 +182,20 @@ def run_jobs(rank: int, world_size: int, jobs: list[Job]) -> list[dict]:
     results = []
     for job in jobs:
         g = init_groups(job.grid)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         if job.raise_on_rank == rank:
             raise ValueError(f"rank {rank} raises on purpose")
         if job.raise_on_rank is not None:
-            dist.all_reduce(torch.zeros(1))  # would wait forever for the rank that raised
-        ref = ReferenceModel(job.model)
+            dist.all_reduce(torch.zeros(1, device=device))  # would wait (until the timeout) for the rank that raised
+        ref = ReferenceModel(job.model).to(device)
         opt_ref = (torch.optim.SGD(ref.parameters(), lr=job.lr) if job.kind == "model" else
                    torch.optim.AdamW(ref.parameters(), lr=job.adam_lr, weight_decay=0.1, foreach=False))
-        tokens, targets = make_batch(job.model, job.batch, job.seq)
+        tokens, targets = (t.to(device) for t in make_batch(job.model, job.batch, job.seq))
         STATS.reset()
         run = _run_model if job.kind == "model" else _run_zero
         result = run(job, g, ref, opt_ref, tokens, targets)
-        result["comm_payload_bytes"] = dict(STATS.payload)
-        result["comm_calls"] = dict(STATS.calls)
+        result.setdefault("comm_payload_bytes", dict(STATS.payload))
+        result.setdefault("comm_calls", dict(STATS.calls))
         results.append(result)
     return results
 
