@@ -81,11 +81,12 @@ def sdpa_variants(q, k, v):
     return found
 
 
-def measure(batch: int, context: int, block_size: int, copy_tbps: float, best_sdpa_ms: float | None = None) -> list[dict]:
+def measure(batch: int, context: int, block_size: int, copy_tbps: float, best_sdpa_ms: float | None = None,
+            num_splits: int | None = None) -> list[dict]:
     """Rows for the paged kernel and (unless ``best_sdpa_ms`` is given) every SDPA backend."""
     q, k_cache, v_cache, block_tables, context_lens, k, v = build(batch, context, block_size)
     kv_bytes = 2 * k.numel() * k.element_size()  # logical K and V bytes, read once
-    paged = lambda: paged_decode(q, k_cache, v_cache, block_tables, context_lens)  # noqa: E731
+    paged = lambda: paged_decode(q, k_cache, v_cache, block_tables, context_lens, num_splits=num_splits)  # noqa: E731
     variants = sdpa_variants(q, k, v) if best_sdpa_ms is None else []
     if best_sdpa_ms is None and not variants:
         raise SystemExit("no SDPA backend ran this problem: nothing to compare against")
@@ -96,7 +97,8 @@ def measure(batch: int, context: int, block_size: int, copy_tbps: float, best_sd
             expected, against = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0], "sdpa-math"
     assert_close(paged(), expected, name=f"paged decode vs {against} (context {context}, block {block_size})")
     rows = []
-    for name, function in [(f"paged triton (block {block_size})", paged)] + variants:
+    label = f"paged triton (block {block_size}" + (f", {num_splits} splits)" if num_splits else ")")
+    for name, function in [(label, paged)] + variants:
         median, p20, p80 = common.bench(function)
         tbps = kv_bytes / (median * 1e-3) / 1e12
         rows.append({"impl": name, "batch": batch, "context": context,
@@ -124,7 +126,7 @@ def main() -> None:
     copy_tbps = common.measured_copy_tbps()
     sheet = common.datasheet()["hbm_tbps"]
     print(f"{torch.cuda.get_device_name(0)}: measured copy {copy_tbps:.2f} TB/s (datasheet HBM {sheet} TB/s)")
-    contexts = [4096] if args.quick else [1024, 4096, 8192, 16384]
+    contexts = [4096] if args.quick else [4096, 1024, 8192, 16384]  # 4k first: the autotuner picks tiles on it
     rows = []
     for context in contexts:
         rows += measure(args.batch, context, 16, copy_tbps)
@@ -132,13 +134,15 @@ def main() -> None:
         best_4k = next(row["best_sdpa_ms"] for row in rows if row["context"] == 4096 and "best_sdpa_ms" in row)
         for block_size in (8, 32, 64):
             rows += measure(args.batch, 4096, block_size, copy_tbps, best_sdpa_ms=best_4k)
+        for num_splits in (2, 4):  # the flash-decoding split, forced (the default heuristic picks 1 here)
+            rows += measure(args.batch, 4096, 16, copy_tbps, best_sdpa_ms=best_4k, num_splits=num_splits)
     for row in rows:
         row.pop("best_sdpa_ms", None)
     notes = (f"Decode attention, Hq {Q_HEADS}, Hkv {KV_HEADS}, D {HEAD_DIM}, bf16, batch {args.batch}; "
              f"kv_TBps = K+V bytes / median time; measured copy bandwidth {copy_tbps:.2f} TB/s "
              f"(read + write); vs_best_sdpa = best native-GQA SDPA time / paged time (target >= 0.9).")
     folder = common.write_results("serving_kernels", rows, notes)
-    block16 = [row for row in rows if row["block_size"] in (16, "contiguous")]
+    block16 = [row for row in rows if row["block_size"] in (16, "contiguous") and "splits" not in row["impl"]]
     common.plot(block16, x="context", y="kv_TBps", series="impl", path=folder / "serving_kernels.png",
                 title="paged decode vs SDPA (bf16, Hq 32 / Hkv 8, D 128, batch 64)",
                 hline=copy_tbps, hline_label="measured copy")

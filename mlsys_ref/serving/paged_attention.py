@@ -24,6 +24,7 @@ specialisation; tile sizes come from a small autotune set.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,12 +47,12 @@ def _configs(kind: str) -> list:
 
 
 @triton.jit
-def _load_paged(cache_ptr, table_row_ptr, tokens, in_range, kv_head, offs_d, head_dim,
-                stride_block, stride_slot, stride_head, BLOCK_SIZE: tl.constexpr):
+def _load_paged(cache_ptr, table_row_ptr, tokens, in_range, kv_head, offs_d,
+                stride_block, stride_slot, stride_head, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
     # token n -> physical block table[n // BLOCK_SIZE], row n % BLOCK_SIZE: a gather of [BLOCK_N, BLOCK_D]
     physical = tl.load(table_row_ptr + tokens // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
     rows = physical * stride_block + (tokens % BLOCK_SIZE) * stride_slot + kv_head * stride_head
-    mask = in_range[:, None] & (offs_d[None, :] < head_dim)
+    mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)  # HEAD_DIM == BLOCK_D folds away: 16-byte loads
     return tl.load(cache_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
 
 
@@ -61,8 +62,8 @@ def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_partial_ptr, lse_partial_ptr,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    qk_scale, head_dim, group, tokens_per_split,
-    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    qk_scale, group, tokens_per_split,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # program (sequence, KV head, split): the group's query heads against tokens [start, end) of the context
@@ -75,7 +76,7 @@ def _paged_decode_split_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * group + offs_g  # the query heads that read this KV head
-    g_mask = (offs_g[:, None] < group) & (offs_d[None, :] < head_dim)
+    g_mask = (offs_g[:, None] < group) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask, other=0.0)
     if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
         q = q.to(tl.float32)
@@ -86,10 +87,10 @@ def _paged_decode_split_kernel(
     for tile in range(start, end, BLOCK_N):
         tokens = tile + tl.arange(0, BLOCK_N)
         in_range = tokens < end
-        k = _load_paged(k_cache_ptr, table_row, tokens, in_range, kv_head, offs_d, head_dim,
-                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE)  # K_j [BLOCK_N, BLOCK_D]
-        v = _load_paged(v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d, head_dim,
-                        stride_vb, stride_vs, stride_vh, BLOCK_SIZE)  # V_j
+        k = _load_paged(k_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
+                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE, HEAD_DIM)  # K_j [BLOCK_N, BLOCK_D]
+        v = _load_paged(v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
+                        stride_vb, stride_vs, stride_vh, BLOCK_SIZE, HEAD_DIM)  # V_j
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         # -- S = q Kᵀ · scale · log2(e) (exp2 is the native instruction)
@@ -114,7 +115,7 @@ def _paged_decode_split_kernel(
 def _paged_decode_combine_kernel(
     o_partial_ptr, lse_partial_ptr, out_ptr,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    num_splits, head_dim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # program (sequence, query head): O = Σ_s exp(lse_s - lse) O_s, lse = log Σ_s exp(lse_s)
     seq = tl.program_id(0).to(tl.int64)
@@ -126,13 +127,13 @@ def _paged_decode_combine_kernel(
     m = tl.max(lse2, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # an empty context: every weight is 0, no NaN
     w = tl.exp2(lse2 - m)  # [BLOCK_S]
-    mask = (offs_s[:, None] < num_splits) & (offs_d[None, :] < head_dim)
+    mask = (offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM)
     o_ptrs = o_partial_ptr + seq * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :]
     o = tl.load(o_ptrs, mask=mask, other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * stride_outb + head * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < head_dim)
+             mask=offs_d < HEAD_DIM)
 
 
 @triton.autotune(configs=_configs("prefill"), key=["BLOCK_SIZE", "BLOCK_D"])
@@ -140,8 +141,8 @@ def _paged_decode_combine_kernel(
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
-    stride_outt, stride_outh, qk_scale, head_dim, group,
-    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_outt, stride_outh, qk_scale, group,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # program (q tile, sequence, query head): rows are the sequence's LAST q_len positions
@@ -155,7 +156,7 @@ def _paged_prefill_kernel(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     positions = context_len - q_len + offs_m  # bottom-right causal: row i sits at position ctx - q_len + i
-    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
+    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + (q_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
         q = q.to(tl.float32)
@@ -169,10 +170,10 @@ def _paged_prefill_kernel(
     for start_n in range(0, end, BLOCK_N):
         tokens = start_n + tl.arange(0, BLOCK_N)
         in_range = tokens < end
-        k = _load_paged(k_cache_ptr, table_row, tokens, in_range, kv_head, offs_d, head_dim,
-                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE)  # K_j [BLOCK_N, BLOCK_D]
-        v = _load_paged(v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d, head_dim,
-                        stride_vb, stride_vs, stride_vh, BLOCK_SIZE)  # V_j
+        k = _load_paged(k_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
+                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE, HEAD_DIM)  # K_j [BLOCK_N, BLOCK_D]
+        v = _load_paged(v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
+                        stride_vb, stride_vs, stride_vh, BLOCK_SIZE, HEAD_DIM)  # V_j
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # S_ij [BLOCK_M, BLOCK_N], log2 units
@@ -219,17 +220,23 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, batch: int, scale) -
 
 def _options(q: torch.Tensor, head_dim: int) -> dict:
     return dict(
+        HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # pad 80 -> 128 etc.; loads mask the padding
         UPCAST=q.dtype == torch.bfloat16 and is_interpreter(),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 must match to 1e-5: no TF32
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_splits_for(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
     """Flash-decoding heuristic: split the context until there are ~2 programs per SM, each split >= 256 tokens."""
     if device.type != "cuda":
         return 1
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(programs, batch * kv_heads), triton.cdiv(max_context, 256)))
 
 
@@ -263,12 +270,12 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None, nu
         q, k_cache, v_cache, block_tables, context_lens, o_partial, lse_partial,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *o_partial.stride()[:3], *lse_partial.stride()[:2],
-        scale * 1.44269504, head_dim, group, tokens_per_split,  # 1/ln 2: exp2 instead of exp
+        scale * 1.44269504, group, tokens_per_split,  # 1/ln 2: exp2 instead of exp
         BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)), **options,
     )
     _paged_decode_combine_kernel[(batch, q_heads)](
         o_partial, lse_partial, out, *o_partial.stride()[:3], *lse_partial.stride()[:2], out.stride(0), out.stride(1),
-        num_splits, head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=options["BLOCK_D"],
+        num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=options["BLOCK_D"],
     )
     return out
 
@@ -303,7 +310,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        out.stride(0), out.stride(1), scale * 1.44269504, head_dim, q.shape[1] // kv_heads,
+        out.stride(0), out.stride(1), scale * 1.44269504, q.shape[1] // kv_heads,
         BLOCK_SIZE=block_size, **_options(q, head_dim),
     )
     return out
