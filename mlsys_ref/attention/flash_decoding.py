@@ -21,6 +21,7 @@ The one idea: partial softmax results combine exactly, using each split's lse as
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,9 +53,9 @@ def _split_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_d, position,
         if MASKED:  # only the split's tail block and the causal diagonal among the new tokens need a mask
             s = tl.where((offs_n[None, :] < split_end) & (offs_n[None, :] <= position[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: exp2 must give 0, not NaN
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: exp2 must give 0, not NaN
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -126,11 +127,16 @@ def _combine_kernel(O_PART, LSE_PART, OUT, num_splits,
     tl.store(OUT + row * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _default_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
     """Enough (batch, KV head, split) programs to fill the GPU about twice, each split >= 256 keys."""
     if device.type != "cuda":
         return min(4, max(1, cache_len // 16))
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(programs, batch * kv_heads), triton.cdiv(cache_len, 256), 128))
 
 

@@ -121,10 +121,11 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, lo,
         s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
         # -- update m_i and l_i (Algorithm 1, lines 9-10)
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
         if MASKED:  # a row that has seen no key keeps m = -inf: subtract 0 instead, so exp2 gives 0 and not NaN
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_new[:, None])  # P̃_ij [BLOCK_M, BLOCK_N]
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])  # P̃_ij [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
@@ -303,6 +304,7 @@ class _FlashAttention(torch.autograd.Function):
         out, lse = flash_forward(q, k, v, problem)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem = problem
+        ctx.set_materialize_grads(False)  # an unused lse brings grad None, not a tensor of zeros to subtract
         return out, lse
 
     @staticmethod
@@ -310,6 +312,7 @@ class _FlashAttention(torch.autograd.Function):
         from mlsys_ref.attention.flash_triton_backward import flash_backward  # avoids an import cycle
 
         q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         dq, dk, dv = flash_backward(q, k, v, out, lse, grad_out, grad_lse, ctx.problem)
         return dq, dk, dv, None
 
