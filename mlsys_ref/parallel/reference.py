@@ -79,10 +79,7 @@ def causal_attention(q, k, v, base: float):
     q, k = rope(q, base), rope(k, base)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [b, Hq, s, s]
-    seq = q.shape[2]
-    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # [b, Hq, s, d]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q kᵀ/√d + causal mask) v: [b, Hq, s, d]
     return out.transpose(1, 2).flatten(2)
 
 
