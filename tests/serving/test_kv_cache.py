@@ -95,6 +95,14 @@ def test_stats_count_wasted_slots_once_per_block():
     assert "free list" in manager.describe() and "seq" in manager.describe()
 
 
+def test_verbose_prints_decisions(capsys):
+    manager = BlockManager(num_blocks=4, block_size=2, verbose=True)
+    manager.allocate("a", [1, 2, 3])
+    manager.free("a")
+    printed = capsys.readouterr().out
+    assert "allocate seq a" in printed and "free seq a" in printed
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
