@@ -66,9 +66,10 @@ def _paged_decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # program (sequence, KV head, split): the group's query heads against tokens [start, end) of the context
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1).to(tl.int64)
+    # program (KV head, sequence, split): the group's query heads against tokens [start, end) of the context.
+    # KV head is the fastest grid axis, so neighbouring programs read neighbouring 256-byte rows of one block.
+    kv_head = tl.program_id(0).to(tl.int64)
+    seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start = split * tokens_per_split
@@ -266,7 +267,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None, nu
     o_partial = torch.empty(batch, q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     lse_partial = torch.empty(batch, q_heads, num_splits, device=q.device, dtype=torch.float32)
     options = _options(q, head_dim)
-    _paged_decode_split_kernel[(batch, kv_heads, num_splits)](
+    _paged_decode_split_kernel[(kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, o_partial, lse_partial,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *o_partial.stride()[:3], *lse_partial.stride()[:2],
