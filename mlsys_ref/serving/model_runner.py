@@ -52,7 +52,8 @@ class StepInputs:
         self.cu_seqlens_q = as_tensor(cu, torch.int32)  # [B+1] row offsets of each sequence's queries
         self.context_lens = as_tensor(lens, torch.int32)  # [B] tokens cached after this step
         self.logits_indices = as_tensor(sample_rows, torch.int64)  # [R] rows whose logits are sampled
-        self.all_decode = all(c.end - c.start == 1 for c in chunks)
+        self.max_q_len = max(c.end - c.start for c in chunks)  # known here: no device sync in the kernel
+        self.all_decode = self.max_q_len == 1
         self.num_seqs = len(chunks)
 
 
@@ -92,7 +93,8 @@ class ModelRunner:
                                                     inputs.cu_seqlens_q, inputs.context_lens)
             if decode_only:  # one query row per sequence: the split-KV (flash-decoding) kernel
                 return pa.paged_decode(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens)
-            return pa.paged_attention(q, k_cache, v_cache, inputs.block_tables, inputs.cu_seqlens_q, inputs.context_lens)
+            return pa.paged_attention(q, k_cache, v_cache, inputs.block_tables, inputs.cu_seqlens_q,
+                                      inputs.context_lens, max_q_len=inputs.max_q_len)
 
         return attend
 
@@ -105,10 +107,10 @@ class ModelRunner:
         attend = self.make_attend(inputs, decode_only=inputs.all_decode)
         return self.model(inputs.tokens, inputs.positions, attend, inputs.logits_indices)
 
-    def capture_decode_graphs(self, batch_sizes, max_blocks_per_seq: int) -> None:
-        """Capture the pure-decode step as CUDA graphs for these batch sizes (CUDA only)."""
+    def capture_decode_graphs(self, batch_sizes, max_blocks_per_seq: int, emulate: bool = False) -> None:
+        """Capture the pure-decode step as CUDA graphs for these batch sizes (CUDA only; ``emulate`` for tests)."""
         self.graphs = None
-        self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq)
+        self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq, emulate)
 
 
 def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
@@ -125,9 +127,9 @@ class _StaticInputs:
     """Views of the graph's persistent input buffers for batch size ``b`` (what ``attend`` reads)."""
 
     def __init__(self, owner: "DecodeGraphs", b: int):
-        self.tokens, self.positions = owner.tokens[:b], owner.positions[:b]
-        self.slot_mapping, self.block_tables = owner.slot_mapping[:b], owner.block_tables[:b]
-        self.context_lens, self.cu_seqlens_q = owner.context_lens[:b], owner.cu_seqlens_q[: b + 1]
+        self.tokens, self.positions, self.slot_mapping = owner.packed[0, :b], owner.packed[1, :b], owner.packed[2, :b]
+        self.block_tables, self.context_lens = owner.block_tables[:b], owner.context_lens[:b]
+        self.cu_seqlens_q = owner.cu_seqlens_q[: b + 1]
 
 
 class DecodeGraphs:
@@ -135,31 +137,40 @@ class DecodeGraphs:
     captured size >= n, its extra rows padded (slot -1: nothing written; context 1: a harmless read).
 
     Every tensor the graph touches lives at a fixed address: new inputs are *copied into* these buffers
-    before ``replay()``, and the logits are read from the graph's own output tensor."""
+    before ``replay()``, and the logits are read from the graph's own output tensor. The host work per
+    step is kept small (one copy for tokens/positions/slots/lengths, one for the block tables) because
+    at batch 1 a 135M model's whole step is a couple of milliseconds."""
 
-    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int):
-        if runner.device.type != "cuda":
+    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int, emulate: bool = False):
+        # emulate=True: the same static buffers and padding, but run eagerly instead of capturing
+        # (lets a CPU test check everything except the capture itself)
+        if runner.device.type != "cuda" and not emulate:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {runner.device}")
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
             raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
         self.runner, self.sizes, self.width = runner, sizes, max_blocks_per_seq
         n, device = sizes[-1], runner.device
-        self.tokens = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        # rows: tokens, positions, slot_mapping, context_lens (int64 here, int32 copy below for the kernels)
+        self.packed = torch.zeros(4, n, dtype=torch.int64, device=device)
+        self.packed[2].fill_(-1)
+        self.packed[3].fill_(1)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs, self.outputs = {}, {}
+        self.graphs, self.outputs, self.functions = {}, {}, {}
         pool = None
         for b in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
             static = _StaticInputs(self, b)
             attend = runner.make_attend(static, decode_only=True)
 
-            def run(static=static, attend=attend):
+            def run(static=static, attend=attend, b=b):
+                self.context_lens[:b].copy_(self.packed[3, :b])  # inside the graph: int64 -> int32
                 return forward_unchecked(runner.model, static.tokens, static.positions, attend)
 
+            if emulate:
+                self.functions[b] = run
+                continue
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.no_grad():  # warm-up: Triton compiles outside the capture
@@ -177,18 +188,25 @@ class DecodeGraphs:
                 and all(-(-c.end // self.runner.block_size) <= self.width for c in chunks))
 
     def run(self, chunks, block_manager) -> torch.Tensor:
-        inputs = StepInputs(chunks, block_manager, self.runner.device, pad_blocks_to=self.width)
         n = len(chunks)
         b = next(size for size in self.sizes if size >= n)
-        self.tokens[:n].copy_(inputs.tokens)
-        self.positions[:n].copy_(inputs.positions)
-        self.slot_mapping[:n].copy_(inputs.slot_mapping)
-        self.block_tables[:n].copy_(inputs.block_tables)
-        self.context_lens[:n].copy_(inputs.context_lens)
-        self.slot_mapping[n:b].fill_(-1)
-        self.context_lens[n:b].fill_(1)
-        self.block_tables[n:b].zero_()
-        self.tokens[n:b].zero_()
-        self.positions[n:b].zero_()
-        self.graphs[b].replay()
-        return self.outputs[b][inputs.logits_indices].clone()  # [R, vocab]
+        rows = [[0] * b, [0] * b, [-1] * b, [1] * b]  # padding rows: token 0, no write, context 1
+        tables = []
+        for i, chunk in enumerate(chunks):
+            seq_id, position = chunk.seq.seq_id, chunk.start
+            rows[0][i], rows[1][i] = chunk.seq.token_ids[position], position
+            rows[2][i] = block_manager.slot_mapping(seq_id, position, position + 1)[0]
+            rows[3][i] = chunk.end
+            tables.append(block_manager.block_table(seq_id))
+        width = max(len(t) for t in tables)
+        self.packed[:, :b].copy_(torch.tensor(rows), non_blocking=True)
+        # only the first ceil(context / block_size) entries of a row are read: stale ones beyond are harmless
+        self.block_tables[:n, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                                            non_blocking=True)
+        if self.functions:
+            self.outputs[b] = self.functions[b]()
+        else:
+            self.graphs[b].replay()
+        sampled = [i for i, chunk in enumerate(chunks) if chunk.sample]
+        logits = self.outputs[b]
+        return logits[:n].clone() if len(sampled) == n else logits[sampled].clone()  # [R, vocab]

@@ -156,6 +156,33 @@ def test_stop_tokens_and_string_prompts(model):
     assert out.text == ToyTokenizer().decode(out.output_ids)
 
 
+def test_decode_graph_buffers_and_padding(model):
+    """The CUDA-graph decode path (static buffers, batch padded to a captured size), run eagerly."""
+    engine = Engine(model, num_blocks=20, block_size=8, max_num_seqs=3, max_num_batched_tokens=16)
+    engine.runner.capture_decode_graphs([1, 2, 4], max_blocks_per_seq=8, emulate=True)
+    used = []
+    run = engine.runner.graphs.run
+    engine.runner.graphs.run = lambda chunks, bm: used.append(len(chunks)) or run(chunks, bm)
+    prompts = [[5, 6, 7], [1] * 11, [9, 8, 7, 6] * 5]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    for prompt, out in zip(prompts, engine.generate(prompts, params, progress=False)):
+        assert out.output_ids == reference(model, prompt, params)
+    assert 3 in used and 1 in used  # batch 3 ran padded to 4
+    assert_no_leak(engine)
+
+
+@pytest.mark.gpu
+def test_engine_with_cuda_graphs_matches_reference():
+    model = Llama.random(LlamaConfig.tiny(), seed=3).cuda()
+    prompts = [[(3 * i + j) % 97 for j in range(5 + 7 * i)] for i in range(5)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    engine = Engine(model, num_blocks=64, block_size=16, max_num_seqs=4, cuda_graph_batch_sizes=[1, 2, 4])
+    assert engine.runner.graphs is not None
+    for prompt, out in zip(prompts, engine.generate(prompts, params, progress=False)):
+        assert out.output_ids == reference(model, prompt, params)
+    assert_no_leak(engine)
+
+
 @pytest.mark.gpu
 def test_engine_on_gpu_matches_reference_bf16_runs():
     model = Llama.random(LlamaConfig.tiny(), seed=3).cuda()

