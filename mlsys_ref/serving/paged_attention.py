@@ -245,13 +245,15 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None, nu
     """One query row per sequence: q ``[B, Hq, D]`` attends to its ``context_lens[b]`` cached tokens -> ``[B, Hq, D]``.
 
     The context is split into ``num_splits`` slices (default: :func:`num_splits_for`, from
-    ``block_tables.shape[1]`` so that no device sync is needed), each a program per KV head.
+    ``block_tables.shape[1]`` so that no device sync is needed), each a program per KV head. Values are
+    not checked (that would sync): ``context_lens[b] <= block_tables.shape[1] * block_size`` is the
+    caller's promise; a sequence with context 0 gets output 0.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     batch, q_heads, _ = q.shape
     block_size, kv_heads, head_dim, scale = _check(q, k_cache, v_cache, block_tables, context_lens, batch, scale)
-    max_context = block_tables.shape[1] * block_size
+    max_context = max(1, block_tables.shape[1] * block_size)
     if num_splits is None:
         num_splits = num_splits_for(batch, kv_heads, max_context, q.device)
     if not isinstance(num_splits, int) or num_splits < 1:
