@@ -66,6 +66,14 @@ def test_decode_equals_varlen_with_one_row(device):
                  paged_attention(q, k_cache, v_cache, block_tables, cu, lens))
 
 
+def test_decode_empty_context_gives_zero(device):
+    k_cache, v_cache = make_cache(4, 8, 1, 16, torch.float32, device)
+    block_tables = torch.tensor([[0], [1]], dtype=torch.int32, device=device)
+    out = paged_decode(torch.randn(2, 2, 16, device=device), k_cache, v_cache, block_tables,
+                       torch.tensor([0, 3], dtype=torch.int32, device=device))
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()
+
+
 def test_bad_input_raises(device):
     k_cache, v_cache = make_cache(4, 8, 2, 16, torch.float32, device)
     block_tables = torch.zeros(2, 4, dtype=torch.int32, device=device)
