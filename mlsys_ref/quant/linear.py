@@ -16,8 +16,9 @@ Storage format (fixed; kernels depend on it). W is the nn.Linear weight, [N (out
 - ``scales``: [N, K // group_size] (per channel: group_size = K, so [N, 1]); dtype fp32 by default
   (exact on the CPU), fp16/bf16 allowed via ``scale_dtype``. Group g covers stored columns
   [g·group_size, (g+1)·group_size).
-- ``zeros``: same shape as scales, integer-valued floats in code units, asymmetric only; None when
-  symmetric (then absent from the state dict).
+- ``zeros``: same shape as scales, floats in code units, asymmetric only; None when symmetric (then
+  absent from the state dict). Integer-valued (0 exact) unless built with ``integer_zero=False``
+  (llama.cpp's Q4_1 grid x̂ = q·s + min, i.e. z = -min/s); kernels must not assume integers.
 - ``perm``: int64 [K] or None (act-order). Columns are stored permuted, W_stored = W[:, perm], and
   groups run over the *stored* order; at run time y = x[..., perm] @ dequant(W_stored)ᵀ + bias.
 - ``bias``: [N] in the float dtype, or None.
@@ -108,11 +109,13 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = None,
-                    symmetric: bool = True, scale_dtype: torch.dtype = torch.float32) -> "QuantizedLinear":
-        """Round-to-nearest (RTN) quantization of an nn.Linear's weight."""
+                    symmetric: bool = True, scale_dtype: torch.dtype = torch.float32,
+                    integer_zero: bool = True) -> "QuantizedLinear":
+        """Round-to-nearest (RTN) quantization of an nn.Linear's weight (integer_zero: see quant_params)."""
         group = check_format(linear.in_features, bits, group_size)
         W = linear.weight.detach().float()
-        q, s, z = quantize(W, bits, symmetric=symmetric, granularity="group", group_size=group)
+        q, s, z = quantize(W, bits, symmetric=symmetric, granularity="group", group_size=group,
+                           integer_zero=integer_zero)
         return cls.from_codes(q, s, z, bits, bias=linear.bias, scale_dtype=scale_dtype)
 
     @staticmethod

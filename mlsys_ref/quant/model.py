@@ -136,14 +136,18 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
                    calibration: torch.Tensor | Callable[[nn.Module], object] | None = None, *,
                    symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
                    blocksize: int = 128, percdamp: float = 0.01, threshold: float = 6.0, alpha: float = 0.5,
-                   skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                   integer_zero: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Quantize ``model`` in place and return it. ``calibration``: token ids (model(calibration)) or
-    ``run(model)``; needed by gptq and smoothquant. group_size None: per output channel."""
+    ``run(model)``; needed by gptq and smoothquant. group_size None: per output channel.
+    ``integer_zero=False`` (rtn only): a fractional zero point, the Q4_1 grid (see quant_params)."""
     targets = target_linears(model, skip)
     run = _validate(model, method, bits, group_size, calibration, targets)
     group = None if group_size == -1 else group_size
+    if not integer_zero and (method != "rtn" or symmetric):
+        raise ValueError("integer_zero=False is supported for method 'rtn' with symmetric=False only")
     if method == "rtn":
-        new = {name: QuantizedLinear.from_linear(l, bits, group, symmetric) for name, l in targets.items()}
+        new = {name: QuantizedLinear.from_linear(l, bits, group, symmetric, integer_zero=integer_zero)
+               for name, l in targets.items()}
     elif method == "gptq":
         results = _gptq_pass(model, targets, run, bits, group, symmetric, act_order, static_groups, blocksize, percdamp)
         new = {name: results[name].to_linear(bits, targets[name].bias) for name in targets}

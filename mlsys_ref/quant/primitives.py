@@ -91,9 +91,13 @@ def _grouped(x: torch.Tensor, granularity: str, group_size: int | None) -> torch
 
 def quant_params(
     x: torch.Tensor, bits: int, *, symmetric: bool = True, granularity: str = "channel",
-    group_size: int | None = None,
+    group_size: int | None = None, integer_zero: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero) for x. Shapes: tensor [1, 1]; channel [N, 1]; group [N, K/g]; token [..., 1]."""
+    """(scale, zero) for x. Shapes: tensor [1, 1]; channel [N, 1]; group [N, K/g]; token [..., 1].
+
+    ``integer_zero=False`` (asymmetric only): the grid is exactly [min, max] with a fractional
+    zero point z = -min/s, i.e. x̂ = q·s + min -- llama.cpp's Q4_1 form. 0 is then not exact.
+    """
     _check_float(x, "x")
     lo, hi = qrange(bits, symmetric)
     grouped = _grouped(_work(x), granularity, group_size)  # [..., groups, members]
@@ -102,13 +106,13 @@ def quant_params(
         scale = absmax / hi
         zero = None
     else:
-        # widen the range to include 0 so that 0 has an exact code (q = z)
-        xmin = grouped.amin(dim=-1).clamp(max=0)
-        xmax = grouped.amax(dim=-1).clamp(min=0)
+        xmin, xmax = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        if integer_zero:  # widen the range to include 0 so that 0 has an exact code (q = z)
+            xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
         scale = (xmax - xmin) / (hi - lo)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any s is exact
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any s is exact
     if not symmetric:
-        zero = torch.round(-xmin / scale).clamp(lo, hi)
+        zero = torch.round(-xmin / scale).clamp(lo, hi) if integer_zero else -xmin / scale
     if granularity == "tensor":  # channel/token are already [..., 1], group [N, K/g]
         scale = scale.reshape(1, 1)
         zero = None if zero is None else zero.reshape(1, 1)
@@ -122,10 +126,11 @@ def expand_groups(p: torch.Tensor, K: int) -> torch.Tensor:
 
 def quantize(
     x: torch.Tensor, bits: int, *, symmetric: bool = True, granularity: str = "channel",
-    group_size: int | None = None,
+    group_size: int | None = None, integer_zero: bool = True,
 ) -> QTensor:
     """Round-to-nearest integer codes of x with the scheme's own scale (and zero point)."""
-    scale, zero = quant_params(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    scale, zero = quant_params(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size,
+                               integer_zero=integer_zero)
     return QTensor(quantize_with(x, scale, zero, bits), scale, zero)
 
 
@@ -134,10 +139,10 @@ def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     lo, hi = qrange(bits, zero is None)
     K = x.shape[-1]
     s = expand_groups(scale, K) if scale.shape[-1] not in (1, K) else scale
-    q = torch.round(_work(x) / s)
-    if zero is not None:
+    q = _work(x) / s
+    if zero is not None:  # round after adding z: the same for integer z, right for fractional z
         q = q + (expand_groups(zero, K) if zero.shape[-1] not in (1, K) else zero)
-    return q.clamp(lo, hi).to(torch.int32)
+    return torch.round(q).clamp(lo, hi).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:

@@ -90,3 +90,17 @@ def test_bad_input_raises():
         pack_int4(torch.full((2, 4), 16))
     with pytest.raises(ValueError, match="dtype"):
         quantize_fp8(torch.randn(2, 2), torch.float16)
+
+
+def test_fractional_zero_reproduces_a_q4_1_grid():
+    """llama.cpp Q4_1: w = d·q + m per 32 weights, m not a multiple of d; integer_zero=False recovers it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (6, 4, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15  # each block spans its whole grid, as Q4_1 blocks do
+    d, m = torch.rand(6, 4, 1, generator=g) * 0.1 + 0.01, -torch.rand(6, 4, 1, generator=g)
+    W = (d * q + m).reshape(6, 128)
+    codes, s, z = quantize(W, 4, symmetric=False, granularity="group", group_size=32, integer_zero=False)
+    assert torch.equal(codes, q.reshape(6, 128).int())
+    assert (dequantize(codes, s, z) - W).abs().max() <= 4 * torch.finfo(torch.float32).eps * W.abs().max()
+    integer = quantize(W, 4, symmetric=False, granularity="group", group_size=32)
+    assert (dequantize(*integer) - W).abs().max() > 1e-3  # an integer zero point cannot follow m
