@@ -37,7 +37,7 @@ from mlsys_ref.parallel.tensor_parallel import (ParallelTransformer, allreduce_s
 from mlsys_ref.parallel.zero import ZeroAdamW
 from mlsys_ref.testing import assert_close, max_error, tolerance
 
-__all__ = ["Job", "validate_job", "launch", "run_jobs", "check"]
+__all__ = ["Job", "validate_job", "launch", "run_jobs", "check", "describe_tp"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,30 @@ def run_jobs(rank: int, world_size: int, jobs: list[Job]) -> list[dict]:
         result.setdefault("comm_calls", dict(STATS.calls))
         results.append(result)
     return results
+
+
+def describe_tp(rank: int, world_size: int, c: ModelConfig, batch: int, seq: int) -> dict:
+    """Worker: this rank's shards (name, local shape, reference slice) and the bytes of one forward + backward,
+    without ("plain") and with ("sp") sequence parallelism."""
+    g = init_groups(Grid(tp=world_size))
+    ref = ReferenceModel(c)
+    tokens, targets = make_batch(c, batch, seq)
+    out = {"shards": []}
+    for key, sequence_parallel in (("plain", False), ("sp", True)):
+        model = ParallelTransformer(ref, g.tp_group, sequence_parallel=sequence_parallel)
+        STATS.reset()
+        model(tokens, targets).backward()
+        if sequence_parallel:
+            allreduce_sequence_parallel_grads(model, g.tp_group)
+        out[key] = {"payload": dict(STATS.payload), "wire": dict(STATS.wire), "calls": dict(STATS.calls)}
+    for name, p in model.named_parameters():
+        for ref_name, dim in p.ref_parts:
+            full = ref.get_parameter(ref_name).shape
+            size = full[dim] // world_size if dim is not None else None
+            where = "replicated" if dim is None else f"dim {dim}: [{rank * size}, {(rank + 1) * size})"
+            out["shards"].append({"rank": rank, "local parameter": name, "local shape": tuple(p.shape),
+                                  "reference weight": ref_name, "full shape": tuple(full), "slice": where})
+    return out
 
 
 def launch(jobs: list[Job], world_size: int, backend: str = "gloo", timeout_s: float = 60.0,
