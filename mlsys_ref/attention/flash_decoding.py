@@ -35,7 +35,16 @@ def _configs() -> list:
     if is_interpreter():  # one config: autotuning under the interpreter would multiply its slow runtime
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in
-            [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3)]]
+            [(64, 4, 3), (64, 4, 4), (128, 4, 2), (32, 4, 2)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose Q tile plus pipelined K/V tiles fit in 200 KB of shared memory (at most three)."""
+    if len(configs) <= 1:
+        return configs
+    row_bytes = kwargs["BLOCK_D"] * named_args["Q"].element_size()
+    fits = [c for c in configs if (kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * row_bytes <= 200 * 1024]
+    return fits[:3] or configs[-1:]
 
 
 @triton.jit
@@ -62,7 +71,7 @@ def _split_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_d, position,
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_D", "bucket_split"])
+@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_D", "bucket_split"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,

@@ -34,19 +34,33 @@ def _configs(pass_name: str) -> list:
     runtime); a small autotune set on the GPU, pruned by head dim so that tiles fit in SRAM."""
     if is_interpreter():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    table = {  # (BLOCK_M, BLOCK_N, warps, stages); the last entry is small enough for any head dim
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-        "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 32, 4, 2)],
-        "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 16, 4, 2)],
+    table = {  # (BLOCK_M, BLOCK_N, warps, stages), best first; the last one fits any head dim
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 2)],
+        "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 16, 4, 2)],
     }[pass_name]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
-def _prune(configs, named_args, **kwargs):
-    # head_dim 256 with 128-row tiles spills registers and overflows shared memory: keep small tiles.
-    if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) > 128 and len(configs) > 1:
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64][-2:]
-    return configs
+_SMEM_BUDGET = 200 * 1024  # bytes of tiles; an H100 SM has 228 KB of shared memory
+
+
+def _pruner(pass_name: str):
+    def prune(configs, named_args, **kwargs):
+        """Drop configs whose tiles overflow shared memory (head_dim 256, fp32), keep at most three
+        (each costs seconds of compile time on the first call), and always keep one."""
+        if len(configs) <= 1:
+            return configs
+        row_bytes = kwargs["BLOCK_D"] * named_args["Q"].element_size()
+
+        def tile_bytes(config):
+            m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+            resident, streamed = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n)}[pass_name]
+            return (resident + stages * streamed) * row_bytes  # rows held for the whole loop + pipelined rows
+
+        return [c for c in configs if tile_bytes(c) <= _SMEM_BUDGET][:3] or configs[-1:]
+
+    return prune
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "bucket_q", "bucket_k"]
@@ -132,7 +146,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, lo,
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,

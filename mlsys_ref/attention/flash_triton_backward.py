@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mlsys_ref.attention.flash_triton import (
-    _AUTOTUNE_KEY, _bias_and_mask, _configs, _key_range, _Problem, _prune, _sequence, _strides,
+    _AUTOTUNE_KEY, _bias_and_mask, _configs, _key_range, _Problem, _pruner, _sequence, _strides,
 )
 from mlsys_ref.backend import require_triton, tl, triton
 
@@ -72,7 +72,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_os, offs_n, o
     return dk, dv
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dkdv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -158,7 +158,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d,
     return dq
 
 
-@triton.autotune(configs=_configs("dq"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dq"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
