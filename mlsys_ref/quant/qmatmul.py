@@ -7,20 +7,23 @@ wide loads and enough work in flight to saturate HBM). The int -> float trick is
 conversion of Kim et al. 2022 (arXiv:2211.10017, §3.2): OR the integer into the mantissa of 2^23.
 
 y[m, n] = Σ_k x[m, perm[k]] · (q[n, k] - z[n, g(k)]) · s[n, g(k)],  g(k) = k // group_size,
-with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], low nibble = even k).
+with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], low nibble = even k;
+zero points integer-valued, as that format promises: the kernels subtract 2^23 + z in one exact add).
 
 Two kernels:
-- ``_qgemv_kernel`` (M <= 16, decode): one program owns BLOCK_N output features and streams their
-  contiguous strip of packed weights [BLOCK_N, BLOCK_K/2] -- rows of 16-byte loads. M = 1 multiplies
-  on the FMA units (``tl.sum``), 2 <= M <= 16 uses ``tl.dot`` with the *weight* as the left operand
-  (y^T = W x^T, so the big dimension N fills the tensor core's M slot). Split-K (grid axis 1) adds
-  programs when N alone gives too few; partial sums go to an fp32 workspace [SPLIT_K, M, N] reduced by
-  a second small kernel -- deterministic, unlike fp32 atomics, and no zero-filled buffer needed.
-- ``_qgemm_kernel`` (M > 16): tiled, the same dequantize-in-registers then ``tl.dot``, programs
-  ordered M-fastest so that the BLOCK_M tiles sharing one weight strip run together (read once).
+- ``_qgemv_kernel`` (M = 1, decode): one program owns BLOCK_N output features and streams their
+  contiguous strip of packed weights, [BLOCK_N, BLOCK_G, BLOCK_KG/2] bytes per step (BLOCK_G runs, each
+  inside one group) -- rows of 16-byte loads, multiplied on the FMA units (``tl.sum``).
+- ``_qgemm_kernel`` (M >= 2): the weight tile is dequantized in registers and fed to ``tl.dot`` as the
+  *left* operand (yᵀ = W xᵀ, so the large N fills the tensor core's M slot and M = 16 wastes nothing);
+  for 2 <= M <= 16 it runs as a skinny GEMV-like kernel (one 16-row tile, split-K), above that as a
+  tiled GEMM with programs ordered M-fastest so the tiles sharing one weight strip run together.
+Split-K (a grid axis) adds programs when N alone gives too few to keep HBM busy; partial sums go to
+an fp32 workspace [SPLIT_K, M, N] that a second small kernel reduces in a fixed order -- deterministic,
+unlike fp32 atomics, and no zero-filled buffer to launch first.
 
-Choices: a BLOCK_K chunk never straddles a quantization group (BLOCK_K divides group_size), so
-scales and zeros are one value per row per chunk; the int4 pair (even k, odd k) is handled as two
+Choices: a chunk (a run, in the GEMV) never straddles a quantization group, so scales and zeros are
+one value per row per chunk, applied once per chunk; the int4 pair (even k, odd k) is handled as two
 half-chunks against x[k0 + 2j] and x[k0 + 2j + 1] instead of interleaving nibbles in registers, and
 for 16-bit x that pair is one int32 word, so x is read as int32 [M, K/2] with wide contiguous loads
 and split with two shifts (fp32 x: two strided loads); act-order permutes x once *before* the
@@ -55,6 +58,17 @@ def _fit_block_k(config: dict, group_size: int, K: int, min_block: int) -> dict:
     if group_size < K:
         block = min(block, group_size & -group_size)  # largest power of two dividing group_size
     return {**config, "BLOCK_K": max(block, min_block)}
+
+
+def _unique(configs) -> list[dict]:
+    """Drop configs that became identical after _fit_block_k (e.g. BLOCK_K 256 and 512 at group 128)."""
+    seen, out = set(), []
+    for config in configs:
+        key = tuple(sorted(config.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(config)
+    return out
 
 
 def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, int]:
@@ -103,7 +117,6 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     out = torch.empty(M, N, device=x2.device, dtype=x_dtype)
     if M == 0:
         return out
-    fp32_dot = x2.dtype == torch.float32 or is_interpreter()  # bf16 tl.dot is wrong under the interpreter
     signed = qweight.dtype == torch.int8
     x_pairs = bits == 4 and x2.dtype != torch.float32
     if x_pairs:  # read x as int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1]), the pair one int4 byte multiplies
@@ -112,52 +125,58 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         x2 = x2.view(torch.int32)
     common = dict(BITS=bits, SIGNED=signed, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
                   ZERO_SHIFT=128 if signed else (8 if bits == 4 and zeros is None else 0),
-                  X_PAIRS=x_pairs, IS_BF16=x_dtype == torch.bfloat16,
-                  DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
-                  PRECISION="ieee" if fp32_dot else "tf32")
+                  X_PAIRS=x_pairs, IS_BF16=x_dtype == torch.bfloat16)
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     b = bias if bias is not None else out
     min_block = 32 if bits == 4 else 16
     key = (m_bucket(M), N, K, group_size, bits, signed, zeros is not None, bias is not None, x_dtype)
 
-    if M <= 16:
-        block_m = 1 if M == 1 else 16
+    def split_k(cfg: dict) -> tuple[int, torch.Tensor]:
+        """K per split (a multiple of BLOCK_K, so chunks stay group-aligned) and where partial sums go."""
+        split = cfg["SPLIT_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        return k_per_split, out if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
 
-        def run(cfg: dict) -> torch.Tensor:
-            cfg = _fit_block_k(cfg, group_size, K, min_block)
-            split, block_k = cfg["SPLIT_K"], cfg["BLOCK_K"]
-            k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-            target = out if split == 1 else torch.empty(split, M, N, device=x2.device, dtype=torch.float32)
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
-            _qgemv_kernel[grid](
-                x2, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
-                x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-                target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
-                SPLIT_K=split, EVEN_K=K % block_k == 0,  # chunks start at multiples of block_k
-                XT=tl.float32 if block_m == 1 else common["DOT"], BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-            if split > 1:
-                block = 1024
-                _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
-                    target, b, out, M * N, N, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
-            return out
-
-        candidates = [config] if config is not None else gemv_configs(M)
-        return run(pick_config("qgemv", key, candidates, run))
-
-    def run(cfg: dict) -> torch.Tensor:
-        cfg = _fit_block_k(cfg, group_size, K, min_block)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-        _qgemm_kernel[grid](
-            x2, qweight, scales, z, b, out, M, N, K, group_size,
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-            out.stride(0), out.stride(1), EVEN_K=K % cfg["BLOCK_K"] == 0,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    def reduce(cfg: dict, target: torch.Tensor) -> torch.Tensor:
+        if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
+            _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
+                                                                HAS_BIAS=bias is not None, BLOCK=1024)
         return out
 
-    candidates = [config] if config is not None else gemm_configs()
-    return run(pick_config("qgemm", key, candidates, run))
+    if M == 1:
+        def run_gemv(cfg: dict) -> torch.Tensor:
+            # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
+            block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
+            k_per_split, target = split_k(cfg)
+            _qgemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+                x2, qweight, scales, z, b, target, N, K, group_size, k_per_split,
+                x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+                target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-1),
+                SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+            return reduce(cfg, target)
+
+        return run_gemv(pick_config("qgemv", key, [config] if config is not None else gemv_configs(), run_gemv))
+
+    fp32_dot = x_dtype == torch.float32 or is_interpreter()  # bf16 tl.dot is wrong under the interpreter
+
+    def run_gemm(cfg: dict) -> torch.Tensor:
+        cfg = _fit_block_k(cfg, group_size, K, min_block)  # a chunk never straddles a group
+        k_per_split, target = split_k(cfg)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        _qgemm_kernel[grid](
+            x2, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-2), target.stride(-1),
+            SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
+            DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
+            PRECISION="ieee" if fp32_dot else "tf32", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+        return reduce(cfg, target)
+
+    candidates = [config] if config is not None else _unique(_fit_block_k(c, group_size, K, min_block) for c in gemm_configs(M))
+    return run_gemm(pick_config("qgemm", key, candidates, run_gemm))
 
 
 class _QuantMatmul(torch.autograd.Function):

@@ -52,7 +52,7 @@ def test_fp32_act_order_bias_and_leading_dims(device, bits, M):
 def test_gemv_split_k_and_tiles(device, split, M):
     """Both epilogues of the GEMV (direct store, fp32 workspace + reduction), with a bias."""
     ql = make_layer(70, 256, 4, 64, True, device, bias=True, scale_dtype=torch.float16)
-    config = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=2)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=2)  # GEMV ignores BLOCK_M
     check(torch.randn(M, 256, device=device, dtype=torch.float16), ql, config=config, bias=ql.bias.half())
 
 
