@@ -73,24 +73,31 @@ class StepRecord:
 class Engine:
     """``Engine(model, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching)``.
 
-    ``num_blocks`` defaults to enough for ``max_num_seqs`` full-context sequences. ``attention="reference"``
+    ``max_model_len`` caps a sequence's length (default: the model's context). ``num_blocks`` defaults to
+    enough for ``max_num_seqs`` sequences of ``max_model_len`` tokens. ``attention="reference"``
     uses the PyTorch gather-then-attend reference instead of the Triton kernels (to check them).
     ``cuda_graph_batch_sizes`` (CUDA only), e.g. ``[1, 2, 4, 8]``, captures pure-decode steps as graphs.
     """
 
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, tokenizer=None,
-                 attention: str = "triton", cuda_graph_batch_sizes=None, verbose: bool = False):
+                 max_model_len: int | None = None, attention: str = "triton", cuda_graph_batch_sizes=None,
+                 verbose: bool = False):
         config = model.config
-        if num_blocks is None:  # room for max_num_seqs sequences of the full context, or less
-            num_blocks = max_num_seqs * -(-config.max_position_embeddings // block_size)
+        if max_model_len is None:
+            max_model_len = config.max_position_embeddings
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 2 <= max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be an int in [2, {config.max_position_embeddings}], got {max_model_len!r}")
+        self.max_model_len = max_model_len
+        if num_blocks is None:
+            num_blocks = max_num_seqs * -(-max_model_len // block_size)
         self.model, self.config, self.tokenizer, self.verbose = model, config, tokenizer, verbose
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, verbose)
         self.runner = ModelRunner(model, num_blocks, block_size, attention)
         self.device = self.runner.device
         if cuda_graph_batch_sizes:  # decode steps of up to max(sizes) sequences replay a captured graph
-            self.runner.capture_decode_graphs(cuda_graph_batch_sizes, -(-config.max_position_embeddings // block_size))
+            self.runner.capture_decode_graphs(cuda_graph_batch_sizes, -(-max_model_len // block_size))
         self.requests: dict[int, Sequence] = {}
         self.times: dict[int, list[float | None]] = {}  # arrival, first token, finish
         self._next_id = 0
@@ -115,13 +122,13 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids = self._encode(prompt)
-        context, vocab = self.config.max_position_embeddings, self.config.vocab_size
+        context, vocab = self.max_model_len, self.config.vocab_size
         if not ids:
             raise ValueError("prompt is empty: at least one token is needed")
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         if len(ids) >= context:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {context} (at most {context - 1} leaves room for one new token)")
+            raise ValueError(f"prompt has {len(ids)} tokens; the context (max_model_len) is {context}, so at most {context - 1} leave room for a new token")
         bm = self.block_manager
         blocks_needed = -(-min(len(ids) + params.max_tokens, context) // bm.block_size)
         if blocks_needed > bm.num_blocks:
@@ -161,7 +168,7 @@ class Engine:
         record = StepRecord(len(self.step_log), preempted=list(batch.preempted), num_tokens=batch.num_tokens)
         self.step_log.append(record)
         if not batch.chunks:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_unfinished() and not batch.preempted:
                 raise RuntimeError("the scheduler made no progress with requests waiting (a bug: add_request should have rejected them)")
             return outputs
         record.chunks = [(c.seq.seq_id, c.start, c.end, "decode" if c.is_decode else "prefill") for c in batch.chunks]

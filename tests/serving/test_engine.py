@@ -156,6 +156,17 @@ def test_stop_tokens_and_string_prompts(model):
     assert out.text == ToyTokenizer().decode(out.output_ids)
 
 
+def test_max_model_len_caps_generation(model):
+    engine = Engine(model, num_blocks=8, block_size=8, max_model_len=12)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(list(range(3, 15)), SamplingParams())
+    out = engine.generate([list(range(3, 12))], SamplingParams(max_tokens=10, ignore_eos=True), progress=False)[0]
+    assert out.finish_reason == "length" and len(out.output_ids) == 3
+    assert out.output_ids == reference(model, list(range(3, 12)), SamplingParams(max_tokens=3, ignore_eos=True))
+    with pytest.raises(ValueError):
+        Engine(model, max_model_len=model.config.max_position_embeddings + 1)
+
+
 def test_decode_graph_buffers_and_padding(model):
     """The CUDA-graph decode path (static buffers, batch padded to a captured size), run eagerly."""
     engine = Engine(model, num_blocks=20, block_size=8, max_num_seqs=3, max_num_batched_tokens=16)
