@@ -8,6 +8,15 @@ from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.testing import assert_close
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run hundreds of 1-token forwards: intra-op threads only add sync cost (40x on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return Llama.random(LlamaConfig.tiny(), seed=3, std=0.3)

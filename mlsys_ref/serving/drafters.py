@@ -1,0 +1,121 @@
+"""Draft sources for speculative decoding: a small model, the target's own first layers, or n-gram lookup.
+
+- ``ModelDrafter(model)``: a separate small model sharing the target's tokenizer (Leviathan et al.
+  2023, arXiv:2211.17192, §3 "M_q"; Chen et al. 2023, arXiv:2302.01318, §2 "draft model").
+- ``ModelDrafter(target, num_layers=L)``: truncated self-draft -- the target's first L layers, then
+  its final norm and head (early exit, as in LayerSkip, Elhoushi et al. 2024, arXiv:2404.16710 §4 and
+  Draft & Verify, Zhang et al. 2023, arXiv:2309.08168 -- which *skips* layers rather than truncating).
+- ``NGramDrafter``: prompt-lookup decoding (Saxena 2023, github.com/apoorvumang/prompt-lookup-decoding;
+  also "LLMA", Yang et al. 2023, arXiv:2304.04487): find the latest earlier occurrence of the
+  context's last n tokens and propose what followed it. No model; its q is one-hot.
+
+Every drafter answers ``propose(context, k, temperature, generator) -> (tokens, q)``: up to ``k``
+tokens and the distributions ``q [len(tokens), vocab]`` they were drawn from (``None`` when greedy).
+A model drafter keeps its own ``ContiguousKVCache``; before drafting it keeps only the cached prefix
+that still agrees with ``context`` (``truncate``) -- that *is* the rollback past rejected drafts.
+
+Left out: distilling the self-draft on the target's logits, sharing the target's KV cache for the
+self-draft's layers (they are identical computations), tree-structured drafts (Medusa, SpecInfer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mlsys_ref.serving.generate import ContiguousKVCache
+from mlsys_ref.serving.model import Llama
+
+__all__ = ["ModelDrafter", "NGramDrafter", "draft_distribution"]
+
+
+def draft_distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) in fp32; T = 0 is greedy and gives the one-hot of the argmax."""
+    if temperature == 0.0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+class ModelDrafter:
+    """Autoregressive drafting with a (small or truncated) Llama and its own contiguous KV cache."""
+
+    def __init__(self, model: Llama, num_layers: int | None = None, max_len: int | None = None):
+        depth = model.config.num_layers if num_layers is None else num_layers
+        if not isinstance(depth, int) or not 1 <= depth <= model.config.num_layers:
+            raise ValueError(f"num_layers must be an int in [1, {model.config.num_layers}], got {num_layers!r}")
+        self.model, self.num_layers = model, depth
+        # the cache only needs the layers this drafter runs
+        self.config = dataclasses.replace(model.config, num_layers=depth)
+        self.max_len = max_len or model.config.max_position_embeddings
+        weight = model.embed_tokens.weight
+        self.cache = ContiguousKVCache(self.config, self.max_len, weight.dtype, weight.device)
+        self.cached_tokens: list[int] = []  # what the cache holds, position by position
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def rollback(self, context: list[int]) -> None:
+        """Keep the longest cached prefix that agrees with ``context`` (and is shorter than it)."""
+        keep = 0
+        limit = min(len(self.cached_tokens), len(context) - 1)  # the last token must be re-fed for its logits
+        while keep < limit and self.cached_tokens[keep] == context[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        del self.cached_tokens[keep:]
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        device = self.model.embed_tokens.weight.device
+        ids = torch.tensor(tokens, device=device)
+        last = torch.tensor([len(tokens) - 1], device=device)
+        logits = self.model(ids, self.cache.positions(len(tokens), device), self.cache.attend, last,
+                            num_layers=self.num_layers)
+        self.cached_tokens += tokens
+        return logits[0]  # [vocab]
+
+    @torch.no_grad()
+    def propose(self, context: list[int], k: int, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """Draft x_1..x_k ~ q_1..q_k; returns the tokens and q ``[k, vocab]`` (None when greedy)."""
+        if len(context) + k > self.max_len:
+            raise ValueError(f"context ({len(context)}) + k ({k}) exceeds the drafter's max_len {self.max_len}")
+        self.rollback(context)
+        logits = self._feed(context[len(self.cached_tokens):])
+        tokens, distributions = [], []
+        for i in range(k):
+            q_i = draft_distribution(logits, temperature)  # [vocab]
+            x_i = int(q_i.argmax()) if temperature == 0.0 else int(torch.multinomial(q_i, 1, generator=generator))
+            tokens.append(x_i)
+            distributions.append(q_i)
+            if i + 1 < k:  # x_k is never fed: if it is accepted, the next round feeds it
+                logits = self._feed([x_i])
+        return tokens, (None if temperature == 0.0 or not tokens else torch.stack(distributions))
+
+
+class NGramDrafter:
+    """Prompt lookup: match the last n tokens (n = max_ngram .. min_ngram) earlier in the context, copy what followed."""
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.vocab_size, self.max_ngram, self.min_ngram = vocab_size, max_ngram, min_ngram
+
+    def lookup(self, context: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            suffix = context[-n:]
+            for start in range(len(context) - n - 1, -1, -1):  # latest earlier occurrence first
+                if context[start:start + n] == suffix:
+                    return context[start + n:start + n + k]
+        return []
+
+    def propose(self, context: list[int], k: int, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor | None]:
+        tokens = self.lookup(context, k)
+        if temperature == 0.0 or not tokens:
+            return tokens, None
+        # a deterministic draft is a one-hot q: accept x with probability p(x), else resample p without x
+        return tokens, torch.nn.functional.one_hot(torch.tensor(tokens), self.vocab_size).float()
+
+    def rollback(self, context: list[int]) -> None:
+        """Nothing is cached."""
