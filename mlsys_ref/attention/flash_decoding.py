@@ -42,8 +42,9 @@ def _prune(configs, named_args, **kwargs):
     """Keep configs whose Q tile plus pipelined K/V tiles fit in 200 KB of shared memory (at most three)."""
     if len(configs) <= 1:
         return configs
-    row_bytes = kwargs["BLOCK_D"] * named_args["Q"].element_size()
-    fits = [c for c in configs if (kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * row_bytes <= 200 * 1024]
+    q = named_args.get("Q", kwargs.get("Q"))
+    row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
+    fits = [c for c in configs if (kwargs.get("BLOCK_M", 16) + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * row_bytes <= 200 * 1024]
     return fits[:3] or configs[-1:]
 
 

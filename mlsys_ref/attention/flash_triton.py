@@ -51,7 +51,8 @@ def _pruner(pass_name: str):
         (each costs seconds of compile time on the first call), and always keep one."""
         if len(configs) <= 1:
             return configs
-        row_bytes = kwargs["BLOCK_D"] * named_args["Q"].element_size()
+        q = named_args.get("Q", kwargs.get("Q"))
+        row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
 
         def tile_bytes(config):
             m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
