@@ -84,6 +84,40 @@ def _model_cache_against_dense(device: torch.device) -> tuple[float, float]:
     return max_error(torch.cat(logits), dense), tolerance(torch.float32).atol
 
 
+def _speculative_greedy_against_target(device: torch.device) -> tuple[float, float]:
+    """Greedy speculative decoding (k = 2, 5; random small-model, self-draft and n-gram drafters) vs greedy
+    decoding with the target alone: the count of differing tokens (fp64, so no argmax near-tie can flip)."""
+    from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter
+    from mlsys_ref.serving.generate import generate
+    from mlsys_ref.serving.model import Llama, LlamaConfig
+    from mlsys_ref.serving.speculative import speculative_generate
+
+    target = Llama.random(LlamaConfig.tiny(), seed=0, std=0.3).to(device, torch.float64)
+    small = Llama.random(LlamaConfig.tiny(num_layers=1), seed=1, std=0.3).to(device, torch.float64)
+    prompt = [5, 17, 42, 3, 88, 13, 7, 5, 17, 42]
+    expected = generate(target, prompt, 12, stop_token_ids=[])
+    wrong = 0
+    for k in (2, 5):
+        for drafter in (ModelDrafter(small), ModelDrafter(target, num_layers=1), NGramDrafter(97)):
+            out, _ = speculative_generate(target, drafter, prompt, 12, k=k, stop_token_ids=[])
+            wrong += sum(a != b for a, b in zip(out, expected)) + abs(len(out) - len(expected))
+    return float(wrong), 0.0
+
+
+def _speculative_acceptance_rate(device: torch.device) -> tuple[float, float]:
+    """Rejection sampling on fixed p, q tables (10⁵ draws): |measured acceptance − Σ min(p, q)|, within 5 standard errors."""
+    from mlsys_ref.serving.speculative import acceptance_rate, verify
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]], device=device)
+    q = torch.tensor([[0.1, 0.6, 0.2, 0.1]], device=device)
+    B = 100_000
+    draft = torch.multinomial(q[0], B, replacement=True, generator=generator)[:, None]
+    n, _ = verify(p.expand(B, -1, -1), q.expand(B, -1, -1), draft, generator)
+    alpha = float(acceptance_rate(p[0], q[0]))
+    return abs(float(n.double().mean()) - alpha), 5 * (alpha * (1 - alpha) / B) ** 0.5
+
+
 CHECKS = [
     Check("Llama forward with contiguous KV cache vs dense recompute", "Touvron et al. 2023 §2.2; Su et al. 2021 §3.4",
           _model_cache_against_dense),
@@ -92,4 +126,8 @@ CHECKS = [
     Check("paged decode (split-KV, GQA) vs gathered reference", "Kwon et al. 2023 (vLLM) §4.1; flash-decoding",
           _paged_decode_against_reference),
     Check("write_kv into paged slots: round trip", "Kwon et al. 2023 (vLLM) §4.2", _write_kv_round_trip),
+    Check("speculative decoding (greedy) vs target-only greedy", "Leviathan et al. 2023 Alg. 1; Chen et al. 2023",
+          _speculative_greedy_against_target),
+    Check("speculative sampling: acceptance rate vs sum min(p, q)", "Leviathan et al. 2023 §3.1, Def. 3.1",
+          _speculative_acceptance_rate),
 ]
