@@ -209,3 +209,19 @@ def send_recv(send: torch.Tensor | None = None, dst: int | None = None, recv_lik
         for request in dist.batch_isend_irecv(ops):
             request.wait()
     return received
+
+
+def _demo(rank: int, world_size: int) -> str:
+    group = dist.group.WORLD
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    y = reduce_from_tp(copy_to_tp(x, group) * 1.0, group)  # forward: sum over ranks; backward: all-reduce of ones
+    y.sum().backward()
+    return (f"rank {rank}: g(f(x)) = {y[0, 0].item():.0f} (sum of 1..{world_size}), dx = {x.grad[0, 0].item():.0f}, "
+            f"bytes {dict(STATS.payload)}")
+
+
+if __name__ == "__main__":
+    from mlsys_ref.parallel.launch import spawn
+
+    for line in spawn(_demo, 2):
+        print(line)

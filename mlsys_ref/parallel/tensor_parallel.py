@@ -252,3 +252,12 @@ def tp_comm_bytes(c: ModelConfig, tokens: int, tp: int, sequence_parallel: bool 
     else:  # g forward (2 per block + embedding), f backward (2 per block + head), g recomputed
         out["all_reduce"] = ((4 + r) * L + 2) * activation
     return out
+
+
+if __name__ == "__main__":
+    from mlsys_ref.parallel.verify import Job, launch
+
+    jobs = [Job(tp=2, steps=2), Job(tp=2, sequence_parallel=True, steps=2)]
+    for job, result in zip(jobs, launch(jobs, 2)[0]):
+        print(f"TP=2 sequence_parallel={job.sequence_parallel}: losses, every gradient and parameter vs the reference, "
+              f"max relative error {result['max_rel_error']:.2e}; bytes {result['comm_payload_bytes']}")

@@ -32,8 +32,8 @@ from mlsys_ref.parallel.launch import Grid, init_groups, spawn, validate_grid
 from mlsys_ref.parallel.pipeline_parallel import pipeline_step, stage_layers, validate_pipeline
 from mlsys_ref.parallel.recompute import measure_recompute
 from mlsys_ref.parallel.reference import ModelConfig, ReferenceModel, make_batch
-from mlsys_ref.parallel.tensor_parallel import (ParallelTransformer, allreduce_sequence_parallel_grads,
-                                                expected_shard, validate_tp)
+from mlsys_ref.parallel.tensor_parallel import (ColumnParallelLinear, ParallelTransformer, RowParallelLinear,
+                                                allreduce_sequence_parallel_grads, expected_shard, validate_tp)
 from mlsys_ref.parallel.zero import ZeroAdamW
 from mlsys_ref.testing import assert_close, max_error, tolerance
 
@@ -94,6 +94,28 @@ def _dp_average(params, group):
             all_reduce(p.grad, group).div_(dist.get_world_size(group))
 
 
+def _check_layer_options(g, ref, tokens) -> float:
+    """ColumnParallelLinear(gather_output=True) and RowParallelLinear(input_is_parallel=False), forward and backward."""
+    worst = 0.0
+    x = ref.embed(tokens).detach()  # [b, s, h], replicated
+    options = [lambda: ColumnParallelLinear(ref, ["head.weight"], g.tp_group, gather_output=True),
+               lambda: RowParallelLinear(ref, "layers.0.attn.o_proj.weight", g.tp_group, input_is_parallel=False)]
+    for make in options:
+        layer = make()
+        layer_name = layer.weight.ref_parts[0][0]
+        full = ref.get_parameter(layer_name)
+        x_par, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = layer(x_par), torch.nn.functional.linear(x_ref, full)
+        weights = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3)).to(y.device)
+        (y * weights).sum().backward()
+        (y_ref * weights).sum().backward()
+        worst = max(worst, check(f"{layer_name} output", y, y_ref), check(f"{layer_name} input grad", x_par.grad, x_ref.grad))
+        expected = expected_shard(layer.weight, ref, g.tp_group, "grad")
+        worst = max(worst, check(f"{layer_name} weight grad", layer.weight.grad, expected))
+        full.grad = None
+    return worst
+
+
 def _run_model(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
     c, worst = job.model, 0.0
     s = g.pp_rank
@@ -103,6 +125,9 @@ def _run_model(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
     local = slice(g.dp_rank * job.batch // job.dp, (g.dp_rank + 1) * job.batch // job.dp)
     seq = job.seq // job.tp if job.sequence_parallel else job.seq
     losses = []
+    if job.pp == 1 and job.tp > 1:
+        worst = _check_layer_options(g, ref, tokens)
+        STATS.reset()  # count only the training steps below
     for step in range(job.steps):
         opt_ref.zero_grad()
         loss_ref = ref.loss(tokens, targets)
@@ -233,6 +258,22 @@ def launch(jobs: list[Job], world_size: int, backend: str = "gloo", timeout_s: f
 
 
 if __name__ == "__main__":
-    jobs = [Job("model", tp=2), Job("model", tp=2, sequence_parallel=True, recompute=True)]
-    for job, result in zip(jobs, launch(jobs, 2)[0]):
-        print(f"tp=2 sp={job.sequence_parallel}: max relative error {result['max_rel_error']:.2e}, losses {result['losses']}")
+    import os
+
+    jobs = [Job(tp=2), Job(tp=2, sequence_parallel=True, recompute=True), Job(pp=2, schedule="1f1b"),
+            Job("zero", dp=2, zero_stage=2)]
+    if "RANK" in os.environ:  # torchrun --nproc-per-node 2 -m mlsys_ref.parallel.verify
+        from mlsys_ref.parallel.launch import init_distributed
+
+        rank, world = init_distributed(timeout_s=60.0)
+        for job in jobs:
+            validate_job(job, world)
+        results = run_jobs(rank, world, jobs)
+        dist.destroy_process_group()
+    else:
+        results = launch(jobs, 2)[-1]
+        rank = 1
+    for job, result in zip(jobs, results):
+        print(f"rank {rank} {job.kind} tp={job.tp} pp={job.pp} dp={job.dp} sp={job.sequence_parallel} "
+              f"zero={job.zero_stage if job.kind == 'zero' else '-'}: max relative error {result['max_rel_error']:.2e}, "
+              f"losses {[round(x, 4) for x in result['losses']]}")

@@ -26,6 +26,7 @@ def _check_common(jobs, results):
         assert len(result["losses"]) == job.steps and result["losses"][-1] < result["losses"][0], job
 
 
+@pytest.mark.slow  # spawns processes: 15-35 s on 2 busy cores; still runs in `make test`
 def test_world2_tensor_parallel():
     """TP=2 plain; TP=2 with sequence parallelism and recomputation; TP=1 x DP=2; counted bytes."""
     jobs = [Job(tp=2), Job(tp=2, sequence_parallel=True, recompute=True, steps=2), Job(dp=2, steps=2)]
@@ -41,6 +42,7 @@ def test_world2_tensor_parallel():
     assert saved["recompute"] < saved["no_recompute"] / 4, saved
 
 
+@pytest.mark.slow  # spawns processes: 15-35 s on 2 busy cores; still runs in `make test`
 def test_world2_pipeline_and_zero():
     jobs = [Job(pp=2, schedule="gpipe"), Job(pp=2, schedule="1f1b", micro_batches=8, steps=2),
             Job("zero", dp=2, zero_stage=1), Job("zero", dp=2, zero_stage=2)]
@@ -52,6 +54,7 @@ def test_world2_pipeline_and_zero():
         assert result["state_bytes"] * job.dp == result["unsharded_bytes"], result  # N divides by 2: no padding
 
 
+@pytest.mark.slow  # spawns processes: 15-35 s on 2 busy cores; still runs in `make test`
 def test_world4_tp_x_pp_and_zero():
     jobs = [Job(tp=2, pp=2, schedule="gpipe", steps=2),
             Job(tp=2, pp=2, schedule="1f1b", sequence_parallel=True, steps=2),
