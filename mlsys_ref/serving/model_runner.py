@@ -107,19 +107,42 @@ class ModelRunner:
         attend = self.make_attend(inputs, decode_only=inputs.all_decode)
         return self.model(inputs.tokens, inputs.positions, attend, inputs.logits_indices)
 
-    def capture_decode_graphs(self, batch_sizes, max_blocks_per_seq: int, emulate: bool = False) -> None:
+    def capture_decode_graphs(self, batch_sizes, max_blocks_per_seq: int, emulate: bool = False,
+                              compile: bool = False) -> None:
         """Capture the pure-decode step as CUDA graphs for these batch sizes (CUDA only; ``emulate`` for tests)."""
         self.graphs = None
-        self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq, emulate)
+        self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq, emulate, compile)
 
 
-def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-    """``Llama.forward`` without its input checks, which read values back to the host (``int(tokens.max())``)
-    and so cannot be captured in a CUDA graph. Inputs come from ``StepInputs``, already valid."""
+def layer_before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A decoder layer up to ``attend``: norm, q/k/v projections, RoPE (as in model.Attention.forward)."""
+    from mlsys_ref.serving.model import apply_rope
+
+    attention, T = layer.attention, x.shape[0]
+    h = layer.attn_norm(x)
+    q = attention.q_proj(h).view(T, attention.num_heads, attention.head_dim)  # [T, Hq, D]
+    k = attention.k_proj(h).view(T, attention.num_kv_heads, attention.head_dim)  # [T, Hkv, D]
+    v = attention.v_proj(h).view(T, attention.num_kv_heads, attention.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, h.dtype
+
+
+def layer_after_attention(layer, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rest of the layer: output projection, residual, norm, SwiGLU MLP, residual."""
+    x = x + layer.attention.o_proj(out.reshape(x.shape[0], -1).to(dtype))
+    return x + layer.mlp(layer.mlp_norm(x))
+
+
+def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, attend, before=layer_before_attention,
+                      after=layer_after_attention) -> torch.Tensor:
+    """``Llama.forward`` split around ``attend`` and without its input checks, which read values back to
+    the host (``int(tokens.max())``) and so cannot be captured in a CUDA graph. Inputs come from the
+    runner, already valid. ``before``/``after`` may be ``torch.compile``d versions of the two halves
+    (the attention kernels stay outside the compiled code)."""
     cos, sin = model.rope(positions)
     x = model.embed_tokens(tokens)  # [T, hidden]
     for index, layer in enumerate(model.layers):
-        x = layer(index, x, cos, sin, attend)
+        q, k, v, dtype = before(layer, x, cos, sin)
+        x = after(layer, x, attend(index, q, k, v), dtype)
     return model.lm_head(model.norm(x)).float()
 
 
@@ -141,9 +164,12 @@ class DecodeGraphs:
     step is kept small (one copy for tokens/positions/slots/lengths, one for the block tables) because
     at batch 1 a 135M model's whole step is a couple of milliseconds."""
 
-    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int, emulate: bool = False):
+    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int, emulate: bool = False,
+                 compile: bool = False):
         # emulate=True: the same static buffers and padding, but run eagerly instead of capturing
-        # (lets a CPU test check everything except the capture itself)
+        # (lets a CPU test check everything except the capture itself).
+        # compile=True: torch.compile the layer halves around attend (fuses norms, RoPE, SwiGLU's
+        # elementwise ops: far fewer kernels per step), then capture that. Compiles once or twice.
         if runner.device.type != "cuda" and not emulate:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {runner.device}")
         sizes = sorted({int(b) for b in batch_sizes})
@@ -159,6 +185,9 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs, self.outputs, self.functions = {}, {}, {}
+        before, after = layer_before_attention, layer_after_attention
+        if compile:
+            before, after = torch.compile(before), torch.compile(after)
         pool = None
         for b in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
             static = _StaticInputs(self, b)
@@ -166,7 +195,7 @@ class DecodeGraphs:
 
             def run(static=static, attend=attend, b=b):
                 self.context_lens[:b].copy_(self.packed[3, :b])  # inside the graph: int64 -> int32
-                return forward_unchecked(runner.model, static.tokens, static.positions, attend)
+                return forward_unchecked(runner.model, static.tokens, static.positions, attend, before, after)
 
             if emulate:
                 self.functions[b] = run

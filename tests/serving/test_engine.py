@@ -183,11 +183,13 @@ def test_decode_graph_buffers_and_padding(model):
 
 
 @pytest.mark.gpu
-def test_engine_with_cuda_graphs_matches_reference():
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_engine_with_cuda_graphs_matches_reference(compile_decode):
     model = Llama.random(LlamaConfig.tiny(), seed=3).cuda()
     prompts = [[(3 * i + j) % 97 for j in range(5 + 7 * i)] for i in range(5)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
-    engine = Engine(model, num_blocks=64, block_size=16, max_num_seqs=4, cuda_graph_batch_sizes=[1, 2, 4])
+    engine = Engine(model, num_blocks=64, block_size=16, max_num_seqs=4, cuda_graph_batch_sizes=[1, 2, 4],
+                    compile_decode=compile_decode)
     assert engine.runner.graphs is not None
     for prompt, out in zip(prompts, engine.generate(prompts, params, progress=False)):
         assert out.output_ids == reference(model, prompt, params)
