@@ -10,7 +10,7 @@ backward reruns the forward (its f/g collectives included, as in Megatron) befor
 ``saved_activation_bytes`` counts what autograd keeps for backward through
 ``torch.autograd.graph.saved_tensors_hooks``: every saved tensor, once per storage, parameters
 excluded. Under a checkpoint the inner tensors go to the checkpoint's own hooks, so the outer count
-sees none of them; the block input that the checkpoint keeps is added explicitly.
+sees none of them, only the block input that the checkpoint itself saves.
 
 Left out: selective recomputation (only the attention core, §4.3), offloading.
 The one idea to notice: memory is traded for one extra forward (~33% more compute per block).
@@ -45,10 +45,10 @@ def measure_recompute(block, x: torch.Tensor) -> dict:
     params = list(block.parameters())
     for recompute in (False, True):
         block.recompute = recompute
-        x_in = x.detach().requires_grad_()
+        x_in = x.detach().clone().requires_grad_()  # its own storage: a view would count its base's bytes
         out, saved = saved_activation_bytes(block, x_in, exclude=params)
-        if recompute:  # the checkpoint holds the block input itself, outside any saved-tensor hook
-            saved += x_in.numel() * x_in.element_size()
+        if recompute:  # the checkpoint keeps at least its input (saved through the outer hook in torch >= 2.1)
+            saved = max(saved, x_in.numel() * x_in.element_size())
         out.sum().backward()  # run the recompute too, so the collectives stay matched across ranks
         result["recompute" if recompute else "no_recompute"] = saved
     block.recompute = previous

@@ -239,6 +239,8 @@ def describe_tp(rank: int, world_size: int, c: ModelConfig, batch: int, seq: int
         if sequence_parallel:
             allreduce_sequence_parallel_grads(model, g.tp_group)
         out[key] = {"payload": dict(STATS.payload), "wire": dict(STATS.wire), "calls": dict(STATS.calls)}
+    x = torch.randn(batch, seq, c.hidden, generator=torch.Generator().manual_seed(g.rank))
+    out["recompute"] = measure_recompute(next(iter(model.layers.values())), x[:, : seq // world_size])  # SP block
     for name, p in model.named_parameters():
         for ref_name, dim in p.ref_parts:
             full = ref.get_parameter(ref_name).shape
