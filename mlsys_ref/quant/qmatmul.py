@@ -49,7 +49,8 @@ from mlsys_ref.quant.primitives import dequantize, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, gemm_configs, gemv_configs
 from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
 
-__all__ = ["quant_matmul", "quant_matmul_reference", "dequantize_weight", "use_kernels", "kernel_applies"]
+__all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "use_kernels",
+           "kernel_applies"]
 
 
 def _fit_block_k(config: dict, group_size: int, K: int, min_block: int) -> dict:
@@ -225,6 +226,17 @@ def quant_matmul_reference(x, qweight, scales, zeros=None, *, bits, perm=None, b
     xc = x.to(compute) if perm is None else x.to(compute)[..., perm]
     y = xc @ W.T
     return (y if bias is None else y + bias.to(compute)).to(x.dtype)
+
+
+def quant_matmul_eager(x, qweight, scales, zeros=None, *, bits, perm=None, bias=None) -> torch.Tensor:
+    """PyTorch eager at x's dtype (QuantizedLinear's PyTorch path): Ŵ rounded to x.dtype, then F.linear.
+
+    Its error against the fp64 reference is the yardstick for a kernel's error at large K in bf16:
+    a kernel that rounds Ŵ to bf16 before the tensor cores (as this does) cannot beat it.
+    """
+    W = dequantize_weight(qweight, scales, zeros, bits).to(x.dtype)
+    xp = x if perm is None else x[..., perm]
+    return torch.nn.functional.linear(xp, W, None if bias is None else bias.to(x.dtype))
 
 
 # -- dispatch for QuantizedLinear: kernels by default, a switch to force PyTorch --------------------
