@@ -11,7 +11,8 @@ epilogue. The per-token quantization of X is a second small kernel (one program 
 round), as in the paper's fused "quantize" step before each int8 GEMM.
 
 Rounding matches ``torch.round`` (half to even) and the division is IEEE (``div_rn``), so the kernel's
-codes equal :func:`mlsys_ref.quant.primitives.quantize` (granularity "token") bit for bit.
+codes equal :func:`mlsys_ref.quant.primitives.quantize` (granularity "token") bit for bit on the CPU (on
+CUDA torch divides by a Python scalar through its reciprocal, so a code may differ by one at a tie).
 
 Left out: fusing the activation quantization into the previous layer's epilogue (SmoothQuant's
 LayerNorm/GEMM fusion), per-tensor static scales (O3), int8 outputs, and the smoothing itself

@@ -78,6 +78,9 @@ def test_gpu_bf16_large(M, N, K):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     xq, xs = quantize_per_token(x)
     q_ref, s_ref = quantize_per_token_reference(x)
-    assert torch.equal(xq, q_ref)
     assert_close(xs, s_ref, torch.float32)
+    # torch on CUDA divides by the Python scalar 127 as a multiply by its reciprocal (1 ulp off IEEE
+    # division at times), so a code may differ by one where x/Δx sits within ~1e-5 of a rounding tie
+    differ = (xq.int() - q_ref.int()).abs()
+    assert differ.max() <= 1 and differ.sum() <= 1e-4 * differ.numel()
     assert_close(w8a8_linear(x, wq, w_scale), w8a8_linear_reference(x, wq, w_scale), torch.bfloat16)
