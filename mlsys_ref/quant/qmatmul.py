@@ -127,8 +127,10 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     common = dict(BITS=bits, SIGNED=signed, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
                   ZERO_SHIFT=128 if signed else (8 if bits == 4 and zeros is None else 0),
                   X_PAIRS=x_pairs, IS_BF16=x_dtype == torch.bfloat16)
+    if zeros is not None and zeros.stride() != scales.stride():  # the kernels index both with scales' strides
+        scales, zeros = scales.contiguous(), zeros.contiguous()
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
-    b = bias if bias is not None else out
+    b = bias.contiguous() if bias is not None else out
     min_block = 32 if bits == 4 else 16
     key = (m_bucket(M), N, K, group_size, bits, signed, zeros is not None, bias is not None, x_dtype)
 

@@ -160,7 +160,7 @@ def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
         def run(cfg: dict) -> torch.Tensor:
             grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
             _w8a8_gemm_kernel[grid](
-                a, wq, sa, w_scale, bias if bias is not None else out, out, M, N, K,
+                a, wq, sa, w_scale, bias.contiguous() if bias is not None else out, out, M, N, K,
                 a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), w_scale.stride(0), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

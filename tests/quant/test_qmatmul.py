@@ -63,6 +63,19 @@ def test_gemv_split_k_and_tiles(device, split, M):
     check(torch.randn(M, 256, device=device, dtype=torch.float16), ql, config=config, bias=ql.bias.half())
 
 
+@pytest.mark.parametrize("layout", ["transposed", "odd_offset"])
+def test_non_contiguous_inputs(device, layout):
+    """x as a strided view (the int32-pair view needs a copy then), zeros laid out unlike scales."""
+    ql = make_layer(24, 64, 4, 32, False, device)
+    if layout == "transposed":
+        x = torch.randn(64, 5, device=device, dtype=torch.float16).T  # [5, 64], strides (1, 5)
+    else:
+        x = torch.randn(5, 65, device=device, dtype=torch.float16)[:, 1:]  # storage offset 1, row stride 65
+    zeros = ql.zeros.T.contiguous().T  # same values, column-major
+    y = quant_matmul(x, ql.qweight, ql.scales, zeros, bits=4)
+    assert_close(y, quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4), torch.float16)
+
+
 def test_backward_matches_reference(device):
     ql = make_layer(24, 64, 4, 32, False, device, act_order=True)
     x = torch.randn(3, 64, device=device, requires_grad=True)
