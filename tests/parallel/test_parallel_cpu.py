@@ -56,8 +56,8 @@ def test_world2_pipeline_and_zero():
 
 @pytest.mark.slow  # spawns processes: 15-35 s on 2 busy cores; still runs in `make test`
 def test_world4_tp_x_pp_and_zero():
-    jobs = [Job(tp=2, pp=2, schedule="gpipe", steps=2),
-            Job(tp=2, pp=2, schedule="1f1b", sequence_parallel=True, steps=2),
+    jobs = [Job(tp=2, pp=2, schedule="gpipe", steps=3),
+            Job(tp=2, pp=2, schedule="1f1b", sequence_parallel=True, steps=3),
             Job(pp=4, schedule="1f1b", steps=2),
             Job(tp=4, steps=2),
             Job(tp=2, dp=2, steps=2),
