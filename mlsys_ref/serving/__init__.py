@@ -8,13 +8,16 @@
 - ``speculative``, ``drafters``: speculative decoding (Leviathan et al. 2023; Chen et al. 2023)
 """
 
+from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter
 from mlsys_ref.serving.engine import Engine, RequestOutput, static_batching
 from mlsys_ref.serving.generate import ContiguousKVCache, generate
 from mlsys_ref.serving.loader import load_gguf, load_hf_folder, smollm2_gguf_path
 from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.sampling import SamplingParams
 from mlsys_ref.serving.scheduler import Scheduler
+from mlsys_ref.serving.speculative import speculative_generate
 from mlsys_ref.serving.tokenizer import Tokenizer
 
 __all__ = ["ContiguousKVCache", "Llama", "LlamaConfig", "Tokenizer", "generate", "load_gguf", "load_hf_folder",
-           "smollm2_gguf_path", "Engine", "RequestOutput", "SamplingParams", "Scheduler", "static_batching"]
+           "smollm2_gguf_path", "Engine", "RequestOutput", "SamplingParams", "Scheduler", "static_batching",
+           "ModelDrafter", "NGramDrafter", "speculative_generate"]
