@@ -44,7 +44,7 @@ def _prune(configs, named_args, **kwargs):
         return configs
     q = named_args.get("Q", kwargs.get("Q"))
     row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
-    fits = [c for c in configs if (kwargs.get("BLOCK_M", 16) + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * row_bytes <= 200 * 1024]
+    fits = [c for c in configs if (kwargs.get("BLOCK_M", 16) + (c.num_stages - 1) * 2 * c.kwargs["BLOCK_N"]) * row_bytes <= 200 * 1024]
     return fits[:3] or configs[-1:]
 
 

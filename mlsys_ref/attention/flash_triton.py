@@ -46,9 +46,11 @@ _SMEM_BUDGET = 200 * 1024  # bytes of tiles; an H100 SM has 228 KB of shared mem
 
 
 def _pruner(pass_name: str):
+    keep = 3 if pass_name == "fwd" else 2  # each config costs seconds of compile time on the first call
+
     def prune(configs, named_args, **kwargs):
-        """Drop configs whose tiles overflow shared memory (head_dim 256, fp32), keep at most three
-        (each costs seconds of compile time on the first call), and always keep one."""
+        """Drop configs whose tiles overflow shared memory (head_dim 256, fp32), keep the first ``keep``
+        of the rest, and always keep one."""
         if len(configs) <= 1:
             return configs
         q = named_args.get("Q", kwargs.get("Q"))
@@ -57,9 +59,9 @@ def _pruner(pass_name: str):
         def tile_bytes(config):
             m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
             resident, streamed = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n)}[pass_name]
-            return (resident + stages * streamed) * row_bytes  # rows held for the whole loop + pipelined rows
+            return (resident + (stages - 1) * streamed) * row_bytes  # rows held all loop + rows in flight
 
-        return [c for c in configs if tile_bytes(c) <= _SMEM_BUDGET][:3] or configs[-1:]
+        return [c for c in configs if tile_bytes(c) <= _SMEM_BUDGET][:keep] or configs[-1:]
 
     return prune
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mlsys_ref.attention import flash_triton_backward
 from mlsys_ref.attention.flash_triton import _fwd_kernel, flash_attention, flash_attention_varlen
+from mlsys_ref.attention.flash_triton_hopper import flash_attention_hopper
 from mlsys_ref.attention.reference import attention_reference, attention_varlen_reference
 from mlsys_ref.testing import assert_close, max_error, tolerance
 
@@ -129,6 +130,32 @@ def test_forward_any_lengths(q_len, kv_len, causal, group, device):
     assert_close(lse, expected_lse, name="lse")
 
 
+@pytest.mark.parametrize("q_len,kv_len,causal", [(37, 45, True), (45, 37, True), (33, 20, False)])
+def test_hopper_variant_matches_reference(q_len, kv_len, causal, device):
+    # the TMA forward (fp16: the interpreter's fp16 tl.dot is exact enough), backward shared with the teaching kernel
+    inputs = _inputs(1, 4, 2, q_len, kv_len, 32, device, torch.float16)
+    out, lse = flash_attention_hopper(*inputs, causal=causal, return_lse=True)
+    expected, expected_lse = attention_reference(*inputs, causal=causal)
+    assert_close(out, expected, name="O")
+    assert_close(lse, expected_lse, torch.float16, name="lse")
+    teaching = flash_attention(*inputs, causal=causal)
+    d_out = torch.randn_like(out)
+    for name, actual, wanted in zip(("dQ", "dK", "dV"), torch.autograd.grad(out, inputs, d_out),
+                                    torch.autograd.grad(teaching, inputs, d_out)):
+        assert_close(actual, wanted, name=name)
+
+
+def test_hopper_variant_rejects_what_it_leaves_out(device):
+    q = torch.randn(1, 2, 8, 32, device=device)
+    with pytest.raises(TypeError):
+        flash_attention_hopper(q, q, q)  # fp32
+    h = torch.randn(1, 2, 8, 80, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError):
+        flash_attention_hopper(h, h, h)  # head_dim not a power of two
+    with pytest.raises(TypeError):
+        flash_attention_hopper(h, h, h, window=4)  # no sliding window here
+
+
 def _bad(device):
     q = torch.randn(1, 4, 8, 32, device=device)
     k = torch.randn(1, 2, 8, 32, device=device)
@@ -175,12 +202,12 @@ def one_config(monkeypatch):
         monkeypatch.setattr(kernel, "configs", kernel.configs[-1:])
 
 
-def _check_low_precision(dtype, head_dim, causal, seq, device, batch=2, q_heads=4, kv_heads=2):
+def _check_low_precision(dtype, head_dim, causal, seq, device, batch=2, q_heads=4, kv_heads=2, attention=flash_attention):
     """O and gradients within 2x PyTorch eager's own error at this dtype (both against an fp32 golden)."""
     inputs = _inputs(batch, q_heads, kv_heads, seq, seq, head_dim, device, dtype)
     golden = [x.detach().float().requires_grad_() for x in inputs]
     d_out = torch.randn(batch, q_heads, seq, head_dim, device=device, dtype=dtype)
-    out = flash_attention(*inputs, causal=causal)
+    out = attention(*inputs, causal=causal)
     expected, _ = attention_reference(*golden, causal=causal)
 
     def eager(q, k, v):  # the naive algorithm run in the low-precision dtype, as a user would write it
@@ -215,6 +242,14 @@ def test_gpu_every_head_dim(dtype, head_dim, causal, device, one_config):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_long_sequence_autotuned(head_dim, device):
     _check_low_precision(torch.bfloat16, head_dim, True, 4096, device, batch=1, q_heads=8, kv_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_hopper_variant(head_dim, causal, device):
+    _check_low_precision(torch.bfloat16, head_dim, causal, 4096, device, batch=1, q_heads=8, kv_heads=2,
+                         attention=flash_attention_hopper)
 
 
 @pytest.mark.gpu
