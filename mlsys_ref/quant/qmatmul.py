@@ -4,7 +4,8 @@ Papers: weight-only quantized GEMM as in GPTQ (Frantar et al. 2022, arXiv:2210.1
 speedups": the matrix-vector product is memory-bound, so reading 4-bit weights instead of 16-bit ones
 is the speed-up) and Marlin (Frantar et al. 2024, arXiv:2408.11743, §3: stream the weights once, with
 wide loads and enough work in flight to saturate HBM). The int -> float trick is the "magic number"
-conversion of Kim et al. 2022 (arXiv:2211.10017, §3.2): OR the integer into the mantissa of 2^23.
+conversion used by FasterTransformer's weight-only kernels (Kim et al. 2022, arXiv:2211.10017):
+OR the integer into the mantissa of 2^23.
 
 y[m, n] = Σ_k x[m, perm[k]] · (q[n, k] - z[n, g(k)]) · s[n, g(k)],  g(k) = k // group_size,
 with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], low nibble = even k;

@@ -2,8 +2,9 @@
 
 See qmatmul.py for the papers, the layout and the design; this file holds only ``@triton.jit`` code.
 Three tricks to notice, each spelled out where it happens:
-- int -> float by OR-ing the code into the mantissa of 2^23 (Kim et al. 2022, arXiv:2211.10017, §3.2):
-  integer-unit ops instead of the slow int-to-float conversion.
+- int -> float by OR-ing the code into the mantissa of 2^23 (the "magic number" conversion of
+  FasterTransformer's weight-only kernels, Kim et al. 2022, arXiv:2211.10017): integer-unit ops
+  instead of the slow int-to-float conversion.
 - a packed int4 byte holds codes for columns 2j and 2j+1; a 16-bit activation pair x[2j], x[2j+1] is
   one int32 word, so x is read as int32 (contiguous, wide loads) and split with shifts -- and a bf16
   is the top half of an fp32, so for bf16 the split *is* the conversion to fp32.
