@@ -47,7 +47,7 @@ class CommStats:
         self.payload[op] += nbytes
         self.wire[op] += wire_factor * nbytes
         self.calls[op] += 1
-        if VERBOSE:
+        if VERBOSE and not op.startswith("p2p"):  # send_recv prints its own line, with the peers
             print(f"[rank {dist.get_rank()}] {op} {tuple(tensor.shape)} over {size} ranks ({nbytes} B)", flush=True)
 
     def total(self, kind: str = "payload") -> float:
@@ -205,6 +205,9 @@ def send_recv(send: torch.Tensor | None = None, dst: int | None = None, recv_lik
     if recv_like is not None:
         received = torch.empty_like(recv_like)
         ops.append(dist.P2POp(dist.irecv, received, src))
+    if VERBOSE:
+        print(f"[rank {dist.get_rank()}] send -> {dst} {None if send is None else tuple(send.shape)}, "
+              f"recv <- {src} {None if recv_like is None else tuple(recv_like.shape)}", flush=True)
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
