@@ -178,8 +178,10 @@ class Engine:
         logits = self.runner.execute(batch.chunks, self.block_manager)  # [R, vocab]
         sampling = [c.seq for c in batch.chunks if c.sample]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        for chunk in batch.chunks:  # only now is the K/V of these positions in the cache
-            self.block_manager.mark_computed(chunk.seq.seq_id, chunk.end)
+        block_size = self.block_manager.block_size
+        for chunk in batch.chunks:  # only now is the K/V of these positions in the cache; only full
+            if chunk.end // block_size > chunk.start // block_size:  # blocks are shared, so tell it when one fills
+                self.block_manager.mark_computed(chunk.seq.seq_id, chunk.end)
         record.used_blocks = self.block_manager.num_blocks - len(self.block_manager.free_list) - len(self.block_manager.cached)
         now = time.perf_counter()
         for seq, new, finished in self.scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampling, tokens)}):

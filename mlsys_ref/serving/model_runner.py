@@ -29,12 +29,14 @@ class StepInputs:
 
     def __init__(self, chunks, block_manager, device, pad_blocks_to: int | None = None):
         tokens, positions, slots, tables, cu, lens, sample_rows = [], [], [], [], [0], [], []
+        bs = block_manager.block_size
         for chunk in chunks:
             seq_id, start, end = chunk.seq.seq_id, chunk.start, chunk.end
+            table = block_manager.block_table(seq_id)
             tokens += chunk.seq.token_ids[start:end]
             positions += range(start, end)
-            slots += block_manager.slot_mapping(seq_id, start, end)
-            tables.append(block_manager.block_table(seq_id))
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]  # = block_manager.slot_mapping
+            tables.append(table)
             cu.append(cu[-1] + end - start)
             lens.append(end)
             if chunk.sample:
@@ -220,13 +222,13 @@ class DecodeGraphs:
         n = len(chunks)
         b = next(size for size in self.sizes if size >= n)
         rows = [[0] * b, [0] * b, [-1] * b, [1] * b]  # padding rows: token 0, no write, context 1
-        tables = []
+        tables, bs = [], block_manager.block_size
         for i, chunk in enumerate(chunks):
-            seq_id, position = chunk.seq.seq_id, chunk.start
+            position, table = chunk.start, block_manager.block_table(chunk.seq.seq_id)
             rows[0][i], rows[1][i] = chunk.seq.token_ids[position], position
-            rows[2][i] = block_manager.slot_mapping(seq_id, position, position + 1)[0]
+            rows[2][i] = table[position // bs] * bs + position % bs  # its slot
             rows[3][i] = chunk.end
-            tables.append(block_manager.block_table(seq_id))
+            tables.append(table)
         width = max(len(t) for t in tables)
         self.packed[:, :b].copy_(torch.tensor(rows), non_blocking=True)
         # only the first ceil(context / block_size) entries of a row are read: stale ones beyond are harmless
@@ -239,3 +241,27 @@ class DecodeGraphs:
         sampled = [i for i, chunk in enumerate(chunks) if chunk.sample]
         logits = self.outputs[b]
         return logits[:n].clone() if len(sampled) == n else logits[sampled].clone()  # [R, vocab]
+
+
+if __name__ == "__main__":
+    from mlsys_ref.serving.kv_cache import BlockManager
+    from mlsys_ref.serving.model import Llama, LlamaConfig
+    from mlsys_ref.serving.sampling import SamplingParams
+    from mlsys_ref.serving.scheduler import Chunk, Sequence
+    from mlsys_ref.testing import max_error
+
+    model = Llama.random(LlamaConfig.tiny())
+    manager = BlockManager(num_blocks=12, block_size=8)
+    runner = ModelRunner(model, num_blocks=12, block_size=8)
+    prompts = [[(3 * i + j) % 97 for j in range(n)] for i, n in enumerate((21, 6, 13))]
+    seqs = [Sequence(i, p, SamplingParams()) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        manager.allocate(seq.seq_id, seq.token_ids)
+    # step 1: a chunk of sequence 0 and all of 1; step 2: the rest of 0 and all of 2 (mixed, packed)
+    runner.execute([Chunk(seqs[0], 0, 10), Chunk(seqs[1], 0, 6)], manager)
+    logits = runner.execute([Chunk(seqs[0], 10, 21), Chunk(seqs[2], 0, 13)], manager)  # [2, vocab]
+    dense = torch.stack([model.forward_dense(torch.tensor([prompts[i]]))[0, -1] for i in (0, 2)])
+    inputs = StepInputs([Chunk(seqs[0], 10, 21), Chunk(seqs[2], 0, 13)], manager, "cpu")
+    print("packed step: tokens", tuple(inputs.tokens.shape), "cu_seqlens_q", inputs.cu_seqlens_q.tolist(),
+          "context_lens", inputs.context_lens.tolist(), "block_tables", inputs.block_tables.tolist())
+    print(f"last-token logits through the paged cache vs dense forward: max error {max_error(logits, dense):.1e}")

@@ -211,3 +211,25 @@ class Scheduler:
                 self._log(f"seq {seq.seq_id} finished ({seq.finish_reason}), {len(seq.output_ids)} tokens")
             results.append((seq, [token], seq.finish_reason is not None))
         return results
+
+
+if __name__ == "__main__":
+    from mlsys_ref.serving.kv_cache import BlockManager
+
+    # No model: the "next token" is a function of the sequence, so the printout shows only the decisions.
+    manager = BlockManager(num_blocks=6, block_size=4)
+    scheduler = Scheduler(manager, max_num_seqs=3, max_num_batched_tokens=8, verbose=True)
+    seqs = [Sequence(i, [(5 * i + j) % 50 for j in range(n)], SamplingParams(max_tokens=m))
+            for i, (n, m) in enumerate([(5, 10), (6, 10), (13, 3), (5, 5)])]
+    for seq in seqs:
+        scheduler.add(seq)
+    step = 0
+    while scheduler.has_unfinished():
+        print(f"step {step}")
+        batch = scheduler.schedule()
+        for chunk in batch.chunks:
+            manager.mark_computed(chunk.seq.seq_id, chunk.end)
+        scheduler.postprocess(batch, {c.seq.seq_id: (sum(c.seq.token_ids) % 50) for c in batch.chunks if c.sample})
+        step += 1
+    print(f"all finished in {step} steps; preemptions {[s.num_preemptions for s in seqs]}; "
+          f"blocks in use: {manager.stats()['used_blocks']}")
