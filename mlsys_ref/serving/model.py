@@ -135,16 +135,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, hidden] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(layer, q, k, v)  # [T, Hq, D]
-        if out.shape != q.shape:
-            raise ValueError(f"attend returned shape {tuple(out.shape)}, expected {tuple(q.shape)}")
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim).to(x.dtype))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -170,9 +167,23 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, layer: int, x, cos, sin, attend: Attend) -> torch.Tensor:
-        x = x + self.attention(layer, self.attn_norm(x), cos, sin, attend)
+    # The layer is split around the attention so that an engine can compile or capture the two halves
+    # on their own (model_runner.py); forward() is just the two halves with ``attend`` between them.
+    def before_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Norm, q/k/v projections and RoPE: x [T, hidden] -> (q, k, v)."""
+        return self.attention.project(self.attn_norm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Output projection and residual, then the MLP block: attention out [T, Hq, D] -> new x [T, hidden]."""
+        x = x + self.attention.o_proj(out.reshape(x.shape[0], -1).to(x.dtype))
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward(self, layer: int, x, cos, sin, attend: Attend) -> torch.Tensor:
+        q, k, v = self.before_attention(x, cos, sin)
+        out = attend(layer, q, k, v)  # [T, Hq, D]
+        if out.shape != q.shape:
+            raise ValueError(f"attend returned shape {tuple(out.shape)}, expected {tuple(q.shape)}")
+        return self.after_attention(x, out)
 
 
 class Llama(nn.Module):
