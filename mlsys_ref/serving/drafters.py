@@ -119,3 +119,16 @@ class NGramDrafter:
 
     def rollback(self, context: list[int]) -> None:
         """Nothing is cached."""
+
+
+if __name__ == "__main__":
+    from mlsys_ref.serving.model import LlamaConfig
+
+    target = Llama.random(LlamaConfig.tiny(), seed=0, std=0.3)
+    context = [5, 17, 42, 3, 88, 13, 7, 5, 17]
+    print(f"n-gram lookup after {context}: {NGramDrafter(97).lookup(context, 4)}  (copied from after the earlier '5, 17')")
+    drafter = ModelDrafter(target, num_layers=1)
+    first, _ = drafter.propose(context, 4)
+    again, _ = drafter.propose(context + first[:2] + [60], 4)  # two accepted, then a different token
+    fresh, _ = ModelDrafter(target, num_layers=1).propose(context + first[:2] + [60], 4)
+    print(f"self-draft: {first}; after rollback {again} == fresh drafter {fresh}: {again == fresh}")
