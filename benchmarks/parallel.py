@@ -24,6 +24,7 @@ import csv
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ["NCCL_NVLS_ENABLE"] = "0"
@@ -38,6 +39,7 @@ from mlsys_ref.parallel.schedule_sim import gpipe_bubble, simulate  # noqa: E402
 MODELS = {  # one block of a 7B-class width, and issue 11's ~1B Llama-style model
     "block": dict(vocab=128, hidden=4096, heads=32, kv_heads=8, ffn=14336, layers=1),
     "llama-1b": dict(vocab=32000, hidden=2048, heads=32, kv_heads=8, ffn=8192, layers=16),
+    "tiny": dict(vocab=96, hidden=64, heads=8, kv_heads=4, ffn=96, layers=2),  # smoke test of this script on CPU
 }
 
 
@@ -75,10 +77,17 @@ def write_cpu(rows: list[dict]) -> Path:
 
 
 # -- GPU: tensor-parallel block throughput ------------------------------------------------------------
-def _timed(function, warmup: int, iterations: int) -> list[float]:
+def _timed(function, warmup: int, iterations: int, cuda: bool = True) -> list[float]:
     """Milliseconds of each of ``iterations`` calls (fixed count: every rank must run the same collectives)."""
     for _ in range(warmup):
         function()
+    if not cuda:  # the gloo smoke test (--model tiny on CPU)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iterations)]
     torch.cuda.synchronize()
     for start, end in events:
@@ -97,8 +106,9 @@ def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch
     from mlsys_ref.parallel.tensor_parallel import ParallelTransformer, TPBlock
 
     c = ModelConfig(**MODELS[model])
-    ref = ReferenceModel(c).to("cuda", torch.bfloat16)
-    tokens = torch.randint(0, c.vocab, (batch, seq), device="cuda")
+    device, dtype = ("cuda", torch.bfloat16) if dist.get_backend() == "nccl" else ("cpu", torch.float32)
+    ref = ReferenceModel(c).to(device, dtype)
+    tokens = torch.randint(0, c.vocab, (batch, seq), device=device)
     rows = []
     for tp in [1] + tp_sizes:
         ranks = list(range(tp)) if tp > 1 else [rank]
@@ -111,7 +121,7 @@ def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch
             continue
         if model == "block":
             module = TPBlock(ref, 0, group, sequence_parallel=sp and tp > 1)
-            x = torch.randn(batch, seq // tp if sp and tp > 1 else seq, c.hidden, device="cuda", dtype=torch.bfloat16,
+            x = torch.randn(batch, seq // tp if sp and tp > 1 else seq, c.hidden, device=device, dtype=dtype,
                             requires_grad=True)
             step = lambda: module(x).sum().backward()  # noqa: E731
         else:
@@ -120,12 +130,12 @@ def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch
         STATS.reset()
         step()  # one step to count the collectives
         counted = {op: (STATS.calls[op], STATS.payload[op] // max(1, STATS.calls[op])) for op in STATS.calls}
-        times = _timed(step, warmup=3, iterations=10)
+        times = _timed(step, warmup=3, iterations=10, cuda=device == "cuda")
         comm_ms = 0.0
         for op, (calls, nbytes) in counted.items():  # the same collectives, alone
             if calls == 0 or op.startswith("ce") or op.startswith("sp_grad"):
                 continue
-            buffer = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+            buffer = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=device)
             if op == "all_reduce":
                 run = lambda: all_reduce(buffer, group)  # noqa: E731
             elif op == "all_gather":
@@ -133,7 +143,7 @@ def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch
                 run = lambda: all_gather(part, 0, group)  # noqa: E731
             else:
                 run = lambda: reduce_scatter(buffer, 0, group)  # noqa: E731
-            comm_ms += calls * statistics.median(_timed(run, warmup=2, iterations=10))
+            comm_ms += calls * statistics.median(_timed(run, warmup=2, iterations=10, cuda=device == "cuda"))
         median = statistics.median(times)
         quantiles = statistics.quantiles(times, n=5)
         rows.append({"model": model, "tp": tp, "sequence_parallel": sp and tp > 1, "tokens": batch * seq,
@@ -141,17 +151,18 @@ def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch
                      "tokens_per_s": batch * seq / (median * 1e-3), "comm_ms": comm_ms,
                      "comm_share": comm_ms / median})
         del module
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         if tp > 1 and world_size > tp:
             dist.barrier()
     return rows
 
 
-def gpu_rows(model: str, tp_sizes: list[int], batch: int, seq: int, sp: bool) -> list[dict]:
+def gpu_rows(model: str, tp_sizes: list[int], batch: int, seq: int, sp: bool, backend: str = "nccl") -> list[dict]:
     from mlsys_ref.parallel.launch import spawn
 
     world = max(tp_sizes)
-    per_rank = spawn(tp_worker, world, (model, tp_sizes, batch, seq, sp), backend="nccl", timeout_s=300.0,
+    per_rank = spawn(tp_worker, world, (model, tp_sizes, batch, seq, sp), backend=backend, timeout_s=300.0,
                      join_timeout_s=900.0)
     rows = per_rank[0]
     single = next(row["tokens_per_s"] for row in rows if row["tp"] == 1)
