@@ -18,6 +18,7 @@ _WHERE = {
     "flash_attention_torch": "flash_torch",
     "flash_attention": "flash_triton",
     "flash_attention_varlen": "flash_triton",
+    "flash_attention_hopper": "flash_triton_hopper",
     "flash_decode": "flash_decoding",
 }
 __all__ = sorted(_WHERE)

@@ -151,6 +151,8 @@ def flash_attention_hopper(q, k, v, causal=False, scale=None, return_lse=False):
         raise TypeError(f"flash_attention_hopper takes fp16 or bf16, got {q.dtype}; use flash_attention")
     if q.shape[-1] & (q.shape[-1] - 1):
         raise ValueError(f"flash_attention_hopper needs a power-of-two head_dim, got {q.shape[-1]}; use flash_attention")
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        raise ValueError("flash_attention_hopper needs TMA (compute capability >= 9.0); use flash_attention")
     if scale is not None and scale <= 0:
         raise ValueError(f"scale must be positive here (the row max is taken before scaling), got {scale}")
     problem = _Problem(q, k, bool(causal), scale, None, None)
