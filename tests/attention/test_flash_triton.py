@@ -247,7 +247,7 @@ def test_gpu_long_sequence_autotuned(head_dim, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_hopper_variant(head_dim, causal, device):
+def test_gpu_hopper_variant(head_dim, causal, device, one_config):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9.0")
     _check_low_precision(torch.bfloat16, head_dim, causal, 4096, device, batch=1, q_heads=8, kv_heads=2,
