@@ -1,6 +1,6 @@
 """Parallel training runs checked, inside every rank, against the single-process reference.
 
-One ``Job`` is a few AdamW steps of the reference model under one parallel layout: ``"model"``
+One ``Job`` is a few optimizer steps of the reference model under one parallel layout: ``"model"``
 (tensor parallel over ``tp`` ranks, optionally sequence parallel and recomputed, cut into ``pp``
 pipeline stages run with GPipe or 1F1B, replicated over ``dp``) or ``"zero"`` (ZeRO-1/2 over
 ``dp``). Each rank also trains the reference model on the whole batch and asserts, at every step,
