@@ -120,6 +120,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     if M == 0:
         return out
     signed = qweight.dtype == torch.int8
+    if signed:
+        qweight = qweight.view(torch.uint8)  # same bytes; the kernels flip the sign bit (see _unsigned_codes)
     x_pairs = bits == 4 and x2.dtype != torch.float32
     if x_pairs:  # read x as int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1]), the pair one int4 byte multiplies
         if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:

@@ -21,8 +21,8 @@ def _unsigned_codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr
     """Stored bytes -> 2^23 + u as exact fp32, u the unsigned code of sub-column t (u - ZERO_SHIFT = q)."""
     if BITS == 4:
         u = (p.to(tl.int32) >> (4 * t)) & 0xF
-    elif SIGNED:
-        u = p.to(tl.int32) + 128  # int8 codes shifted to [0, 255]
+    elif SIGNED:  # int8 storage read as bytes (uint8): byte = q mod 256, and flipping its top bit gives q + 128
+        u = p.to(tl.int32) ^ 0x80
     else:
         u = p.to(tl.int32)
     # 0x4B000000 is 2^23 in fp32: OR-ing u < 2^23 into its mantissa gives the float 2^23 + u exactly;
@@ -101,7 +101,6 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, group_size, 
         if X_PAIRS:  # x as int32 words: word k0/2 + col holds the two activations of byte col
             words = tl.load(x_ptr + (k0 // 2 + col) * stride_xk, mask=k0 // 2 + col < K // 2, other=0)
             x_even, x_odd = _split_pairs(words, tl.float32, IS_BF16)
-        part = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
         for t in tl.static_range(PACK):
             w = _unsigned_codes(p, t, BITS, SIGNED) - z[:, :, None]  # integer-valued q - z
             if X_PAIRS:
@@ -112,7 +111,11 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, group_size, 
             else:
                 xk = k0 + col * PACK + t
                 xs = tl.load(x_ptr + xk * stride_xk, mask=xk < K, other=0).to(tl.float32)
-            part += tl.sum(w * xs[None, :, :], axis=2)
+            if t == 0:  # products of both nibbles summed elementwise (one FMA each), then one reduction
+                prod = w * xs[None, :, :]
+            else:
+                prod += w * xs[None, :, :]
+        part = tl.sum(prod, axis=2)  # [BLOCK_N, BLOCK_G]
         acc += tl.sum(part * s, axis=1)  # scale once per row and run, not once per weight
     out_ptrs = out_ptr + pid_k * stride_os + offs_n * stride_on
     if SPLIT_K == 1:
