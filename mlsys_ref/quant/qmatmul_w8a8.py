@@ -1,14 +1,15 @@
 """W8A8 matmul in Triton: int8 × int8 on the tensor cores, int32 accumulation, scales in the epilogue.
 
-Paper: SmoothQuant (Xiao et al. 2023, arXiv:2211.10438), §3 and Figure 3 (the "O1"-style
-per-token × per-channel scheme): activations quantized per token, weights per output channel, so that
+Paper: SmoothQuant (Xiao et al. 2023, arXiv:2211.10438), §2 "Preliminaries" and Figure 3: activations
+quantized per token, weights per output channel -- both scales sit on the *outer* dimensions of the
+GEMM (per-channel activation scales would not), so that
 
     Y[m, n] = Δx[m] · Δw[n] · Σ_k Xq[m, k] · Wq[n, k]
 
 and the integer sum runs on int8 tensor cores (twice the bf16 rate, half the bytes). The scales are
 outer-product shaped, so they factor out of the K sum and cost one multiply per *output* element: the
-epilogue. The per-token quantization of X is a second small kernel (one program per token: absmax, then
-round), as in the paper's fused "quantize" step before each int8 GEMM.
+epilogue. The per-token quantization of X is a second small kernel (one program per token: absmax,
+then round); the paper's implementation fuses that step into the preceding operator instead.
 
 Rounding matches ``torch.round`` (half to even) and the division is IEEE (``div_rn``), so the kernel's
 codes equal :func:`mlsys_ref.quant.primitives.quantize` (granularity "token") bit for bit on the CPU (on
