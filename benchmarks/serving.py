@@ -266,7 +266,9 @@ def report(args, model_note: str, final: bool) -> None:
     compiled = by.get("transformers batch-1 (static cache + torch.compile)")
     if graphs and compiled:
         ratios.append(f"batch-1 decode / transformers compiled = {graphs / compiled:.2f}x (target >= 1.5x)")
-    notes = f"{model_note}. " + "; ".join(ratios)
+    notes = (f"{model_note}; {args.workload}. Output tokens/s counts each request's own tokens (padding excluded); "
+             "TTFT includes queueing (all requests arrive at t=0); KV waste = allocated but empty slots / allocated slots. "
+             + "; ".join(ratios))
     print("   " + notes)
     if args.smoke:
         from common import markdown_table
@@ -316,8 +318,9 @@ def main() -> None:
             model, model_note = Llama.random(LlamaConfig()), f"random weights of SmolLM2-135M's shapes, {dtype}"
     model = model.to(dtype).to(args.device).eval()
     prompts, outputs = make_workload(n, model.config.vocab_size, max_prompt, max_output)
-    print(f"{model_note}; {n} requests, prompts {min(map(len, prompts))}..{max(map(len, prompts))}, "
-          f"outputs {min(outputs)}..{max(outputs)} tokens ({sum(outputs)} in all)")
+    args.workload = (f"{n} requests, prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, "
+                     f"outputs {min(outputs)}..{max(outputs)} tokens ({sum(outputs)} in all)")
+    print(f"{model_note}; {args.workload}")
     sections = (
         ("engine: continuous batching", bench_engine, (prompts, outputs)),
         ("static batching", bench_static, (prompts, outputs)),
