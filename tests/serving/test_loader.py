@@ -122,3 +122,18 @@ def test_loader_errors(tmp_path):
         load_gguf(str(tmp_path / "missing.gguf"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_folder(str(tmp_path))
+
+
+@pytest.mark.gpu
+def test_smollm2_on_cuda(smollm2):
+    """fp32 on the GPU matches fp32 on the CPU (same 10x-atol bound as against transformers); bf16 still says Paris."""
+    model, tokenizer = smollm2
+    tokens = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        cpu = model.forward_dense(tokens)
+        gpu = copy.deepcopy(model).cuda().forward_dense(tokens.cuda())
+    table = tolerance(torch.float32)
+    assert_close(gpu.cpu(), cpu, atol=10 * table.atol, rtol=table.rtol, name="SmolLM2 cuda vs cpu")
+    bf16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    ids = tokenizer.encode("The capital of France is")
+    assert tokenizer.decode(generate(bf16, ids, 3)).startswith(" Paris")

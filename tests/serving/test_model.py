@@ -97,3 +97,21 @@ def test_bad_inputs_raise(tiny):
         LlamaConfig.tiny(num_heads=5, num_kv_heads=2)
     with pytest.raises(ValueError, match="rope_scaling"):
         LlamaConfig.tiny(rope_scaling={"rope_type": "yarn"})
+
+
+@pytest.mark.gpu
+def test_cuda_cached_forward_equals_dense():
+    model = Llama.random(LlamaConfig.tiny(), seed=1).cuda()
+    tokens = torch.randint(0, 97, (29,), device="cuda")
+    cache = ContiguousKVCache(model.config, max_len=32, device="cuda")
+    with torch.no_grad():
+        pieces = [model(tokens[a:b], cache.positions(b - a, "cuda"), cache.attend) for a, b in [(0, 20), (20, 21), (21, 29)]]
+        dense = model.forward_dense(tokens[None])[0]
+    assert_close(torch.cat(pieces), dense, name="cached logits on cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_weights_give_fp32_logits():
+    model = Llama.random(LlamaConfig.tiny(), seed=1).to("cuda", torch.bfloat16)
+    logits = model.forward_dense(torch.randint(0, 97, (2, 11), device="cuda"))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -5,6 +5,8 @@ with probability 1e-3 per seed, and with the fixed seed the outcome is determini
 Q(df/2, χ²/2), the regularized upper incomplete gamma function (torch.special.gammaincc).
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -193,3 +195,19 @@ def test_bad_arguments(models):
         ModelDrafter(target, num_layers=3)
     with pytest.raises(ValueError, match="expected p"):
         verify(torch.rand(1, 3, 5), torch.rand(1, 3, 5), torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_and_sampling(models):
+    target, drafts, expected = models
+    target, noisy = copy.deepcopy(target).cuda(), copy.deepcopy(drafts["noisy copy"]).cuda()  # fixture stays on cpu
+    for k in (1, 4, 8):
+        out, _ = speculative_generate(target, ModelDrafter(noisy), PROMPT, 24, k=k, stop_token_ids=[])
+        assert out == expected, f"k={k}"
+    p, q = _tables()
+    p, q, B = p.cuda(), q.cuda(), 200_000
+    g = torch.Generator(device="cuda").manual_seed(1)
+    draft = torch.stack([torch.multinomial(q[i], B, replacement=True, generator=g) for i in range(3)], dim=1)
+    n, t = verify(p.expand(B, -1, -1), q.expand(B, -1, -1), draft, g)
+    first = torch.where(n > 0, draft[:, 0], t)
+    assert chi_square_p_value(torch.bincount(first, minlength=6).cpu(), p[0].cpu()) > SIGNIFICANCE
