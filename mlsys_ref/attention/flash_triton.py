@@ -72,10 +72,12 @@ _AUTOTUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "bucket_q", "bucket_k"]
 @triton.jit
 def _sequence(CU, off_b, seqlen, VARLEN: tl.constexpr):
     """(first row in memory, length) of sequence ``off_b``: from cu_seqlens when packed, else (0, seqlen)."""
+    start = 0
     if VARLEN:
-        start = tl.load(CU + off_b)
-        return start, tl.load(CU + off_b + 1) - start
-    return 0, seqlen
+        first = tl.load(CU + off_b)
+        seqlen = tl.load(CU + off_b + 1) - first
+        start = first.to(tl.int64)  # int64: start · stride can pass 2^31 in a large packed batch
+    return start, seqlen
 
 
 @triton.jit
