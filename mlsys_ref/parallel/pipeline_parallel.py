@@ -11,8 +11,10 @@ activations alive instead of m. The code follows Megatron's
 ``ParallelTransformer`` (so TP x PP is the same code with a bigger TP group), and the micro-batch
 loss is divided by m so that the accumulated gradient is the full-batch gradient.
 
-Left out: interleaved (virtual) stages at run time (the simulator has the formula), zero-bubble
-schedules, overlapping p2p with compute, activation deallocation tricks, uneven micro-batches.
+Interleaved 1F1B (§2.2.2, v model chunks per stage) is ``interleaved_step``: it replays the
+simulator's timeline instead of Megatron's hand-matched communication (see its docstring).
+
+Left out: zero-bubble schedules, overlapping p2p with compute, activation deallocation tricks, uneven micro-batches.
 The one idea to notice: both schedules are *the same* forward/backward/send/recv steps, just
 ordered differently; that order alone decides the activation memory (see schedule_sim.py).
 """
@@ -26,14 +28,20 @@ from mlsys_ref.parallel.comm import send_recv
 from mlsys_ref.parallel.launch import Groups
 from mlsys_ref.parallel.reference import ModelConfig
 
-__all__ = ["SCHEDULES", "validate_pipeline", "stage_layers", "pipeline_step"]
+__all__ = ["SCHEDULES", "validate_pipeline", "stage_layers", "pipeline_step", "interleaved_step"]
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-def validate_pipeline(c: ModelConfig, pp: int, batch: int, micro_batches: int, schedule: str = "1f1b") -> None:
-    if c.layers < pp:
-        raise ValueError(f"layers ({c.layers}) must be at least the number of pipeline stages ({pp})")
+def validate_pipeline(c: ModelConfig, pp: int, batch: int, micro_batches: int, schedule: str = "1f1b",
+                      virtual: int = 1) -> None:
+    if c.layers < pp * virtual:
+        raise ValueError(f"layers ({c.layers}) must be at least the number of pipeline stages ({pp}"
+                         f"{f' x {virtual} chunks' if virtual > 1 else ''})")
+    if schedule == "interleaved" and (pp < 2 or micro_batches % pp):
+        raise ValueError(f"interleaved needs pp >= 2 and micro_batches ({micro_batches}) a multiple of pp ({pp})")
+    if schedule != "interleaved" and virtual != 1:
+        raise ValueError(f"virtual ({virtual}) chunks per stage need schedule='interleaved'")
     if not isinstance(micro_batches, int) or micro_batches < 1 or batch % micro_batches:
         raise ValueError(f"batch ({batch}) must split into micro_batches ({micro_batches}) equal parts")
     if schedule not in SCHEDULES:
@@ -86,8 +94,8 @@ def pipeline_step(stage, groups: Groups, tokens, targets, micro_batches: int, sc
     ``hidden_shape`` is one micro-batch's activation shape, [b/m, s (or s/t with SP), hidden].
     Gradients are accumulated into ``stage``'s parameters; the optimizer step is the caller's.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule not in SCHEDULES[:2]:
+        raise ValueError(f"schedule must be one of {SCHEDULES[:2]} (interleaved: interleaved_step), got {schedule!r}")
     m = micro_batches
     token_mbs, target_mbs = tokens.chunk(m), targets.chunk(m)
     param = next(stage.parameters())
@@ -128,6 +136,62 @@ def pipeline_step(stage, groups: Groups, tokens, targets, micro_batches: int, sc
             io.send_backward(backward(io.recv_backward()))
     stage.peak_in_flight = peak
     return torch.stack(losses).sum() if io.last else None
+
+
+def interleaved_step(chunks, groups: Groups, tokens, targets, micro_batches: int, hidden_shape):
+    """Interleaved 1F1B (Megatron-LM §2.2.2): stage s holds v chunks, chunk c being virtual stage c*p + s.
+
+    Rather than Megatron's hand-matched send/recv pairs, every rank replays the simulator's timeline
+    (schedule_sim, uniform times): its own operations in order, and every message it sends or
+    receives as one blocking exchange, all sorted by one global key (time the message is produced,
+    then sender). Every rank sees its messages in the order of that one global sequence, so the
+    earliest pending message always has both ends ready: no deadlock on gloo or NCCL.
+    Returns the loss on the rank that holds the last virtual stage, else None.
+    """
+    from mlsys_ref.parallel.schedule_sim import simulate
+
+    p, s, v, m = len(groups.pp_ranks), groups.pp_rank, len(chunks), micro_batches
+    last_virtual = p * v - 1
+    param = next(chunks[0].parameters())
+    like = torch.empty(hidden_shape, dtype=param.dtype, device=param.device)
+    token_mbs, target_mbs = tokens.chunk(m), targets.chunk(m)
+    events = []
+    for op in simulate("interleaved", p, m, v=v).ops:
+        virtual = op.chunk * p + op.stage
+        if op.stage == s:
+            events.append((op.start, 1, op.stage, op, None))  # compute, after messages of the same instant
+        if (op.kind == "F" and virtual < last_virtual) or (op.kind == "B" and virtual > 0):
+            to_virtual = virtual + 1 if op.kind == "F" else virtual - 1
+            if s in (op.stage, to_virtual % p):
+                events.append((op.end, 0, op.stage, op, to_virtual))
+    events.sort(key=lambda e: (e[0], e[1], e[2], e[3].kind, e[3].micro_batch, e[3].chunk))
+    outbox, inbox, alive, losses, peak = {}, {}, {}, [], 0
+    for _, is_compute, _, op, to_virtual in events:
+        key = (op.kind, op.chunk, op.micro_batch)
+        virtual = op.chunk * p + op.stage
+        if not is_compute:  # the message that op produced, from op.stage to virtual stage to_virtual
+            to_stage, to_chunk = to_virtual % p, to_virtual // p
+            if op.stage == s:
+                send_recv(send=outbox.pop(key), dst=groups.pp_ranks[to_stage])
+            else:
+                inbox[(op.kind, to_chunk, op.micro_batch)] = send_recv(recv_like=like, src=groups.pp_ranks[op.stage])
+        elif op.kind == "F":
+            x = token_mbs[op.micro_batch] if virtual == 0 else inbox.pop(key).requires_grad_()
+            out = chunks[op.chunk](x, target_mbs[op.micro_batch])
+            if virtual == last_virtual:
+                out = out / m
+                losses.append(out.detach())
+            else:
+                outbox[key] = out.detach()
+            alive[(op.chunk, op.micro_batch)] = (x, out)
+            peak = max(peak, len(alive))
+        else:
+            x, out = alive.pop((op.chunk, op.micro_batch))
+            torch.autograd.backward(out, None if virtual == last_virtual else inbox.pop(key))
+            if virtual > 0:
+                outbox[key] = x.grad
+    chunks[0].peak_in_flight = peak
+    return torch.stack(losses).sum() if losses else None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 One ``Job`` is a few optimizer steps of the reference model under one parallel layout: ``"model"``
 (tensor parallel over ``tp`` ranks, optionally sequence parallel and recomputed, cut into ``pp``
-pipeline stages run with GPipe or 1F1B, replicated over ``dp``) or ``"zero"`` (ZeRO-1/2 over
+pipeline stages run with GPipe, 1F1B or interleaved 1F1B, replicated over ``dp``) or ``"zero"`` (ZeRO-1/2 over
 ``dp``). Each rank also trains the reference model on the whole batch and asserts, at every step,
 that the loss, *every* gradient of its shard and, at the end, every parameter equal the matching
 slice of the reference (fp32, relative error <= 1e-5). ``launch`` validates all jobs in the
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from mlsys_ref.parallel.comm import STATS, all_reduce
 from mlsys_ref.parallel.launch import Grid, init_groups, spawn, validate_grid
-from mlsys_ref.parallel.pipeline_parallel import pipeline_step, stage_layers, validate_pipeline
+from mlsys_ref.parallel.pipeline_parallel import interleaved_step, pipeline_step, stage_layers, validate_pipeline
 from mlsys_ref.parallel.recompute import measure_recompute
 from mlsys_ref.parallel.reference import ModelConfig, ReferenceModel, make_batch
 from mlsys_ref.parallel.tensor_parallel import (ColumnParallelLinear, ParallelTransformer, RowParallelLinear,
@@ -52,6 +52,7 @@ class Job:
     steps: int = 3
     schedule: str = "1f1b"
     micro_batches: int = 4
+    virtual: int = 1  # model chunks per stage, for schedule="interleaved"
     sequence_parallel: bool = False
     recompute: bool = False
     zero_stage: int = 1
@@ -71,7 +72,8 @@ def validate_job(job: Job, world_size: int) -> None:
     validate_tp(job.model, job.tp, job.seq, job.sequence_parallel)
     if job.batch % job.dp:
         raise ValueError(f"batch ({job.batch}) must divide by the data-parallel size ({job.dp})")
-    validate_pipeline(job.model, job.pp, job.batch // job.dp, job.micro_batches if job.pp > 1 else 1, job.schedule)
+    validate_pipeline(job.model, job.pp, job.batch // job.dp, job.micro_batches if job.pp > 1 else 1, job.schedule,
+                      job.virtual)
     if job.kind == "zero" and (job.tp, job.pp) != (1, 1):
         raise ValueError("a 'zero' job is data parallel only: tp and pp must be 1")
 
@@ -118,9 +120,11 @@ def _check_layer_options(g, ref, tokens) -> float:
 
 def _run_model(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
     c, worst = job.model, 0.0
-    s = g.pp_rank
-    stage = ParallelTransformer(ref, g.tp_group, stage_layers(c.layers, job.pp, s), first=s == 0,
-                                last=s == job.pp - 1, sequence_parallel=job.sequence_parallel, recompute=job.recompute)
+    virtual = [k * job.pp + g.pp_rank for k in range(job.virtual)]  # chunk k = virtual stage k*pp + pp_rank
+    chunks = [ParallelTransformer(ref, g.tp_group, stage_layers(c.layers, job.pp * job.virtual, vs), first=vs == 0,
+                                  last=vs == job.pp * job.virtual - 1, sequence_parallel=job.sequence_parallel,
+                                  recompute=job.recompute) for vs in virtual]
+    stage = chunks[0] if job.virtual == 1 else torch.nn.ModuleList(chunks)
     opt = torch.optim.SGD(stage.parameters(), lr=job.lr)
     local = slice(g.dp_rank * job.batch // job.dp, (g.dp_rank + 1) * job.batch // job.dp)
     seq = job.seq // job.tp if job.sequence_parallel else job.seq
@@ -138,7 +142,10 @@ def _run_model(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
             loss.backward()
         else:
             shape = (job.batch // job.dp // job.micro_batches, seq, c.hidden)
-            loss = pipeline_step(stage, g, tokens[local], targets[local], job.micro_batches, job.schedule, shape)
+            if job.schedule == "interleaved":
+                loss = interleaved_step(chunks, g, tokens[local], targets[local], job.micro_batches, shape)
+            else:
+                loss = pipeline_step(stage, g, tokens[local], targets[local], job.micro_batches, job.schedule, shape)
         if job.sequence_parallel:
             allreduce_sequence_parallel_grads(stage, g.tp_group)
         _dp_average(stage.parameters(), g.dp_group)
@@ -152,11 +159,11 @@ def _run_model(job: Job, g, ref, opt_ref, tokens, targets) -> dict:
         opt.step()
     for name, p in stage.named_parameters():
         worst = max(worst, check(f"{name} after {job.steps} steps", p, expected_shard(p, ref, g.tp_group)))
-    result = {"max_rel_error": worst, "losses": losses, "peak_in_flight": getattr(stage, "peak_in_flight", None),
+    result = {"max_rel_error": worst, "losses": losses, "peak_in_flight": getattr(chunks[0], "peak_in_flight", None),
               "comm_payload_bytes": dict(STATS.payload), "comm_calls": dict(STATS.calls)}
     if job.recompute:  # activation bytes of one block, with and without recomputation
         x = torch.randn(job.batch // job.dp, seq, c.hidden, generator=torch.Generator().manual_seed(g.rank)).to(tokens.device)
-        result["activation_bytes"] = measure_recompute(next(iter(stage.layers.values())), x)
+        result["activation_bytes"] = measure_recompute(next(iter(chunks[0].layers.values())), x)
     return result
 
 

@@ -14,6 +14,7 @@ from mlsys_ref.parallel import verify
 from mlsys_ref.parallel.launch import Grid, spawn
 from mlsys_ref.parallel.pipeline_parallel import stage_layers
 from mlsys_ref.parallel.reference import ModelConfig
+from mlsys_ref.parallel.schedule_sim import simulate
 from mlsys_ref.parallel.tensor_parallel import tp_comm_bytes
 from mlsys_ref.parallel.verify import Job
 
@@ -45,12 +46,15 @@ def test_world2_tensor_parallel():
 @pytest.mark.slow  # spawns processes: 15-35 s on 2 busy cores; still runs in `make test`
 def test_world2_pipeline_and_zero():
     jobs = [Job(pp=2, schedule="gpipe"), Job(pp=2, schedule="1f1b", micro_batches=8, steps=2),
-            Job("zero", dp=2, zero_stage=1), Job("zero", dp=2, zero_stage=2)]
+            Job("zero", dp=2, zero_stage=1), Job("zero", dp=2, zero_stage=2),
+            Job(pp=2, schedule="interleaved", virtual=2, micro_batches=4, steps=2)]
     results = verify.launch(jobs, 2, **TIMEOUT)
     _check_common(jobs, results)
     assert [r[0]["peak_in_flight"] for r in results] == [4, 4]  # GPipe keeps all m
     assert [r[1]["peak_in_flight"] for r in results] == [2, 1]  # 1F1B: p - s
-    for job, result in zip(jobs[2:], results[0][2:]):
+    simulated = simulate("interleaved", 2, 4, v=2).peak_in_flight  # chunk-micro-batches, as run
+    assert [r[4]["peak_in_flight"] for r in results] == simulated
+    for job, result in zip(jobs[2:4], results[0][2:4]):
         assert result["state_bytes"] * job.dp == result["unsharded_bytes"], result  # N divides by 2: no padding
 
 
@@ -59,6 +63,7 @@ def test_world4_tp_x_pp_and_zero():
     jobs = [Job(tp=2, pp=2, schedule="gpipe", steps=3),
             Job(tp=2, pp=2, schedule="1f1b", sequence_parallel=True, steps=3),
             Job(pp=4, schedule="1f1b", steps=2),
+            Job(tp=2, pp=2, schedule="interleaved", virtual=2, steps=2),
             Job(tp=4, steps=2),
             Job(tp=2, dp=2, steps=2),
             Job("zero", dp=4, zero_stage=1, steps=2),
@@ -66,7 +71,7 @@ def test_world4_tp_x_pp_and_zero():
     results = verify.launch(jobs, 4, **TIMEOUT)
     _check_common(jobs, results)
     assert [r[2]["peak_in_flight"] for r in results] == [4, 3, 2, 1]
-    for job, result in zip(jobs[5:], results[0][5:]):
+    for job, result in zip(jobs[6:], results[0][6:]):
         assert result["state_bytes"] * 4 == result["unsharded_bytes"], result
 
 
@@ -90,6 +95,9 @@ def _never_called(*args, **kwargs):
     (Job(tp=2, sequence_parallel=True, seq=13), 2, "seq .13. must be divisible"),
     (Job(pp=2, micro_batches=3), 2, "micro_batches"),
     (Job(pp=2, schedule="zb"), 2, "schedule"),
+    (Job(pp=2, schedule="interleaved", virtual=3), 2, r"layers .4. must be at least .* \(2 x 3 chunks\)"),
+    (Job(pp=2, schedule="interleaved", virtual=2, micro_batches=1), 2, "multiple of pp"),
+    (Job(pp=2, virtual=2), 2, "need schedule='interleaved'"),
     (Job("zero", tp=2), 2, "data parallel only"),
 ])
 def test_bad_configuration_raises_before_any_process_group(monkeypatch, job, world, match):

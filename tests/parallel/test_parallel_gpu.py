@@ -19,7 +19,8 @@ def needs_gpus(n):
 @needs_gpus(2)
 def test_nccl_world2():
     jobs = [Job(tp=2), Job(tp=2, sequence_parallel=True, recompute=True), Job(pp=2, schedule="gpipe"),
-            Job(pp=2, schedule="1f1b"), Job("zero", dp=2, zero_stage=1), Job("zero", dp=2, zero_stage=2)]
+            Job(pp=2, schedule="1f1b"), Job("zero", dp=2, zero_stage=1), Job("zero", dp=2, zero_stage=2),
+            Job(pp=2, schedule="interleaved", virtual=2)]
     results = verify.launch(jobs, 2, **TIMEOUT)
     for job, result in zip(jobs, results[-1]):
         assert result["max_rel_error"] <= 1e-5, job
@@ -29,7 +30,8 @@ def test_nccl_world2():
 @needs_gpus(4)
 def test_nccl_world4():
     jobs = [Job(tp=2, pp=2, schedule="gpipe"), Job(tp=2, pp=2, schedule="1f1b", sequence_parallel=True),
-            Job(pp=4), Job(tp=4), Job(tp=2, dp=2), Job("zero", dp=4, zero_stage=2)]
+            Job(pp=4), Job(tp=4), Job(tp=2, dp=2), Job("zero", dp=4, zero_stage=2),
+            Job(tp=2, pp=2, schedule="interleaved", virtual=2)]
     results = verify.launch(jobs, 4, **TIMEOUT)
     for job, result in zip(jobs, results[-1]):
         assert result["max_rel_error"] <= 1e-5, job
