@@ -198,6 +198,6 @@ if __name__ == "__main__":
     from mlsys_ref.parallel.verify import Job, launch
 
     for schedule in SCHEDULES:
-        job = Job("model", pp=2, schedule=schedule, micro_batches=4, steps=2)
+        job = Job("model", pp=2, schedule=schedule, micro_batches=4, steps=2, virtual=2 if schedule == "interleaved" else 1)
         for rank, result in enumerate(launch([job], 2)):
             print(f"{schedule} rank {rank}: {result[0]}")
