@@ -18,7 +18,7 @@ from mlsys_ref.parallel.schedule_sim import simulate
 from mlsys_ref.parallel.tensor_parallel import tp_comm_bytes
 from mlsys_ref.parallel.verify import Job
 
-TIMEOUT = dict(timeout_s=30.0, join_timeout_s=150.0)  # collectives and the whole run both bounded
+TIMEOUT = dict(timeout_s=60.0, join_timeout_s=240.0)  # collectives and the whole run both bounded
 
 
 def _check_common(jobs, results):
