@@ -27,14 +27,15 @@ __all__ = ["ContiguousKVCache", "generate", "sample_next", "model_attend_dense"]
 
 
 class ContiguousKVCache:
-    """k, v of one sequence per layer, each ``[max_len, Hkv, D]``; ``len(cache)`` positions are valid."""
+    """k, v of one sequence per layer, each ``[capacity <= max_len, Hkv, D]``; ``len(cache)`` positions are valid."""
 
     def __init__(self, config: LlamaConfig, max_len: int | None = None, dtype=torch.float32, device="cpu"):
         max_len = config.max_position_embeddings if max_len is None else max_len
         if not isinstance(max_len, int) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-        shape = (max_len, config.num_kv_heads, config.head_dim)
         self.max_len = max_len
+        capacity = min(max_len, 256)  # grows by doubling up to max_len: a long context limit costs nothing up front
+        shape = (capacity, config.num_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.lengths = [0] * config.num_layers  # each layer advances when it is attended
@@ -47,6 +48,12 @@ class ContiguousKVCache:
         start, T = self.lengths[layer], q.shape[0]
         if start + T > self.max_len:
             raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {self.max_len}")
+        if start + T > self.k[layer].shape[0]:
+            capacity = min(self.max_len, max(start + T, 2 * self.k[layer].shape[0]))
+            for store in (self.k, self.v):
+                grown = store[layer].new_zeros((capacity, *store[layer].shape[1:]))
+                grown[:start] = store[layer][:start]
+                store[layer] = grown
         self.k[layer][start:start + T] = k
         self.v[layer][start:start + T] = v
         self.lengths[layer] = end = start + T

@@ -71,3 +71,15 @@ def test_bad_arguments_raise(tiny):
         generate(tiny, [1] * 200, 100)
     with pytest.raises(ValueError, match="temperature"):
         generate(tiny, [1], 3, temperature=-1.0)
+
+
+def test_cache_grows_past_its_first_allocation(tiny):
+    """600 positions: the cache starts at 256 rows and doubles; logits still equal the dense forward."""
+    model = Llama.random(LlamaConfig.tiny(max_position_embeddings=700), seed=3, std=0.3)
+    cache = ContiguousKVCache(model.config)
+    tokens = torch.randint(0, 97, (600,))
+    with torch.no_grad():
+        pieces = [model(tokens[a:b], cache.positions(b - a), cache.attend) for a, b in [(0, 200), (200, 300), (300, 600)]]
+        dense = model.forward_dense(tokens[None])[0]
+    assert cache.k[0].shape[0] == 700 and len(cache) == 600  # 256 -> 512 -> capped at max_len
+    assert_close(torch.cat(pieces), dense, name="logits across cache growth")
