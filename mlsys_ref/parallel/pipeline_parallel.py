@@ -22,7 +22,6 @@ ordered differently; that order alone decides the activation memory (see schedul
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from mlsys_ref.parallel.comm import send_recv
 from mlsys_ref.parallel.launch import Groups
