@@ -210,7 +210,10 @@ def flash_backward(q, k, v, out, lse, grad_out, grad_lse, problem: _Problem):
     """Launch preprocess, dK/dV and dQ. Returns (dq, dk, dv) shaped and strided like q, k, v."""
     require_triton("flash_attention (backward)")
     grad_out = grad_out.contiguous()  # now strided exactly like out (allocated contiguous by the forward)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # same strides as q, k, v
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # same strides as q, k, v ...
+    if (dq.stride(), dk.stride(), dv.stride()) != (q.stride(), k.stride(), v.stride()):  # ... unless one has gaps
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     varlen, common = problem.varlen, problem.common(q)
     delta = torch.empty_like(lse)  # D: [B, Hq, Sq] (or [Hq, total_q]), the layout of lse
     lse_strides = problem.lse_strides(lse)

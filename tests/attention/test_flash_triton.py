@@ -119,6 +119,13 @@ def test_non_contiguous_inputs(device):
     # [batch, seq, heads, dim] projections transposed to SDPA layout: strides are passed, not copied
     q, k, v = (torch.randn(2, 37, 4, 32, device=device).transpose(1, 2) for _ in range(3))
     assert_close(flash_attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True)[0])
+    # a slice along seq has gaps: gradients must still land in the right rows
+    big = torch.randn(1, 2, 50, 32, device=device, requires_grad=True)
+    q, k, v = big[:, :, 5:42], big[:, :, :45], big[:, :, 3:48]
+    d_out = torch.randn(1, 2, 37, 32, device=device)
+    grad = torch.autograd.grad(flash_attention(q, k, v, causal=True), big, d_out)[0]
+    expected = torch.autograd.grad(attention_reference(q, k, v, causal=True)[0], big, d_out)[0]
+    assert_close(grad, expected, name="d big")
 
 
 def test_gradcheck_fp64(device):
