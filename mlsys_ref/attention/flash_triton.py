@@ -11,7 +11,8 @@ window; ALiBi slopes ``[H]`` or ``[B, H]``; ``Hq`` a multiple of ``Hkv``; a row 
 0 (lse -inf). ``lse`` is in natural-log units. Head dims 16..256 (padded to a power of two with masks).
 
 Left out on purpose: dropout, fp8, paged KV (see serving), and Hopper-only machinery (TMA tensor
-descriptors, warp specialization): this is the teaching kernel, tuned only by a small autotune set.
+descriptors, warp specialization): this is the teaching kernel, tuned only by a small autotune set; the
+TMA forward lives in ``flash_triton_hopper.py``, the backward kernels in ``flash_triton_backward.py``.
 
 The one idea: S = QKᵀ is never written to memory. Each program holds one query tile and streams
 key/value tiles past it, rescaling its running output by exp(m_old - m_new) whenever the row max grows;
