@@ -234,6 +234,16 @@ class Llama(nn.Module):
         ``num_layers`` runs only the first layers, then the final norm and head: the truncated
         self-draft of speculative decoding (layers past it never see ``attend``).
         """
+        if logits_indices is not None and (logits_indices.dim() != 1 or logits_indices.dtype != torch.int64):
+            raise ValueError("logits_indices must be a 1-D int64 tensor")
+        x = self.hidden_states(tokens, positions, attend, num_layers)  # [T, hidden]
+        if logits_indices is not None:
+            x = x[logits_indices]  # only the rows that will be sampled pay for the head
+        return self.lm_head(self.norm(x)).float()
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend,
+                      num_layers: int | None = None) -> torch.Tensor:
+        """The residual stream after the first ``num_layers`` layers (default all), before the final norm: [T, hidden]."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.int64:
             raise ValueError(f"tokens must be a 1-D int64 tensor, got {getattr(tokens, 'shape', type(tokens))} {getattr(tokens, 'dtype', '')}")
         if not isinstance(positions, torch.Tensor) or positions.shape != tokens.shape or positions.dtype != torch.int64:
@@ -242,8 +252,6 @@ class Llama(nn.Module):
             raise ValueError(f"tokens must lie in [0, {self.config.vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError("positions must be non-negative")
-        if logits_indices is not None and (logits_indices.dim() != 1 or logits_indices.dtype != torch.int64):
-            raise ValueError("logits_indices must be a 1-D int64 tensor")
         depth = self.config.num_layers if num_layers is None else num_layers
         if not 1 <= depth <= self.config.num_layers:
             raise ValueError(f"num_layers must be in [1, {self.config.num_layers}], got {num_layers}")
@@ -252,9 +260,7 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)  # [T, hidden]
         for index in range(depth):
             x = self.layers[index](index, x, cos, sin, attend)
-        if logits_indices is not None:
-            x = x[logits_indices]  # only the rows that will be sampled pay for the head
-        return self.lm_head(self.norm(x)).float()
+        return x
 
     def forward_dense(self, tokens: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
         """No cache: causal attention over each row of tokens [B, S] -> logits [B, S, vocab] (fp32)."""
