@@ -246,9 +246,19 @@ def quant_matmul_eager(x, qweight, scales, zeros=None, *, bits, perm=None, bias=
 
 # -- dispatch for QuantizedLinear: kernels by default, a switch to force PyTorch --------------------
 _MODE = "auto"  # "auto" | "triton" | "torch"
-# Under the interpreter every program runs in Python: beyond ~4M multiply-adds a call takes seconds,
-# so "auto" keeps CPU models (perplexity evaluations) on the PyTorch path; "triton" forces the kernel.
-INTERPRETER_MAX_MACS = 1 << 22
+# Under the interpreter every program step is Python on numpy tiles (milliseconds each; a 576x576
+# GEMV takes seconds), so "auto" takes the kernel there only for toy layers -- at most this many tile
+# steps, e.g. 256x96 -- which is what tests and the tour exercise; CPU models keep the PyTorch path.
+INTERPRETER_MAX_STEPS = 8
+
+
+def _interpreter_steps(M: int, N: int, K: int) -> int:
+    """Program steps (tiles x K chunks) of the interpreter's one config for an [M, K] x [K, N] product."""
+    if M == 1:
+        c = gemv_configs()[0]
+        return triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(K, c["BLOCK_K"])
+    c = gemm_configs(M)[0]
+    return triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(K, c["BLOCK_K"])
 
 
 @contextlib.contextmanager
@@ -274,7 +284,7 @@ def kernel_applies(module, x: torch.Tensor) -> bool:
         return False  # a format the kernels do not cover: the PyTorch path computes the same thing
     if x.device.type != default_device().type or module.qweight.device != x.device:
         return False
-    return not is_interpreter() or x.numel() * module.out_features <= INTERPRETER_MAX_MACS
+    return not is_interpreter() or _interpreter_steps(x.numel() // K, module.out_features, K) <= INTERPRETER_MAX_STEPS
 
 
 def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:

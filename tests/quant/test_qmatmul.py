@@ -128,6 +128,9 @@ def test_quantized_linear_dispatch(device):
         qmatmul.quant_matmul = original
     assert calls, "QuantizedLinear.forward did not reach the kernel"
     assert_close(y_kernel, y_torch, torch.float32)
+    if device.type == "cpu":  # the interpreter takes toy layers only; a SmolLM2-sized one keeps PyTorch
+        big = make_layer(576, 576, 4, 32, True, device)
+        assert not qmatmul.kernel_applies(big, torch.randn(1, 576))
     int3 = make_layer(8, 64, 3, 32, True, device)
     assert not qmatmul.kernel_applies(int3, torch.randn(1, 64, device=device))  # no int3 kernel: PyTorch path
     with qmatmul.use_kernels(True), pytest.raises(ValueError, match="bits must be 4 or 8"):
