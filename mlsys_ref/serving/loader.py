@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from mlsys_ref.serving.model import Llama, LlamaConfig, rope_inverse_frequencies
+from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.tokenizer import PRE_TOKENIZERS, Tokenizer
 
 __all__ = ["smollm2_gguf_path", "load_gguf", "load_gguf_tokenizer", "load_hf_folder", "unpermute_rotary"]
@@ -152,11 +152,10 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> tuple[Llama, Tok
 def _build(config: LlamaConfig, state: dict, dtype: torch.dtype) -> Llama:
     with torch.device("meta"):
         model = Llama(config)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu")  # Llama._apply recomputes the RoPE frequencies (not in checkpoints)
     if config.tie_embeddings:  # to_empty unties the shared parameter; tie it again
         model.lm_head.weight = model.embed_tokens.weight
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    model.inv_freq = rope_inverse_frequencies(config)  # buffers are not in the checkpoint; to_empty left garbage
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not (config.tie_embeddings and name == "lm_head.weight")]
     if missing or unexpected:

@@ -200,6 +200,13 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)  # [D/2] fp32
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would also round the RoPE frequencies (3 significant digits: angles off by whole
+        # radians at position ~1000); recompute them in fp32 on whatever device the model now lives on
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inverse_frequencies(self.config).to(self.inv_freq.device)
+        return self
+
     @classmethod
     def random(cls, config: LlamaConfig, seed: int = 0, std: float = 0.1) -> "Llama":
         """Random weights (normal, std ``std``; norm gains near 1) -- deterministic for a given seed."""

@@ -115,3 +115,12 @@ def test_cuda_bf16_weights_give_fp32_logits():
     model = Llama.random(LlamaConfig.tiny(), seed=1).to("cuda", torch.bfloat16)
     logits = model.forward_dense(torch.randint(0, 97, (2, 11), device="cuda"))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_low_precision_cast_keeps_rope_frequencies_fp32():
+    """model.to(bfloat16) must not round inv_freq: at position 1000 that would move angles by whole radians."""
+    model = Llama.random(LlamaConfig.tiny(head_dim=32), seed=1).to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.inv_freq.dtype == torch.float32
+    assert torch.equal(model.inv_freq, rope_inverse_frequencies(model.config))
+    cos, _ = model.rope(torch.tensor([1000]))
+    assert_close(cos[0, :16], torch.cos(1000 * rope_inverse_frequencies(model.config)), name="cos at 1000")
