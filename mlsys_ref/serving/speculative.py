@@ -180,7 +180,12 @@ if __name__ == "__main__":
     target, small = Llama.random(config, seed=0, std=0.3), Llama.random(LlamaConfig.tiny(num_layers=1), seed=1, std=0.3)
     prompt = [5, 17, 42, 3, 88, 13, 7]
     expected = generate(target, prompt, 40, stop_token_ids=[])
-    for name, drafter in [("small model", ModelDrafter(small)), ("self-draft (1 of 2 layers)", ModelDrafter(target, 1)),
+    close = Llama.random(config, seed=0, std=0.3)  # the target plus a little noise: a drafter that usually agrees
+    with torch.no_grad():
+        for parameter in close.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5)))
+    for name, drafter in [("random small model", ModelDrafter(small)), ("noisy copy of the target", ModelDrafter(close)),
+                          ("self-draft (1 of 2 layers)", ModelDrafter(target, 1)),
                           ("n-gram lookup", NGramDrafter(config.vocab_size))]:
         out, stats = speculative_generate(target, drafter, prompt, 40, k=4, stop_token_ids=[])
         print(f"{name:28s} greedy identical: {out == expected}  acceptance {stats.acceptance_rate:.2f}  "
