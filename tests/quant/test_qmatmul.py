@@ -10,6 +10,17 @@ from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matm
 from mlsys_ref.testing import assert_close, max_error
 
 
+@pytest.fixture(autouse=True)
+def one_config(monkeypatch, request):
+    """Pin autotuning to one config per path (STYLE.md point 8), so that on a GPU each kernel variant
+    compiles once; tests named ``*autotuned`` keep every candidate (the interpreter has one anyway)."""
+    if "autotuned" in request.node.name:
+        return
+    gemv_configs, gemm_configs = qmatmul.gemv_configs, qmatmul.gemm_configs
+    monkeypatch.setattr(qmatmul, "gemv_configs", lambda: gemv_configs()[:1])
+    monkeypatch.setattr(qmatmul, "gemm_configs", lambda M: gemm_configs(M)[:1])
+
+
 def make_layer(N, K, bits, group, symmetric, device, act_order=False, bias=False, scale_dtype=torch.float32):
     linear = nn.Linear(K, N, bias=bias)
     nn.init.normal_(linear.weight, std=0.05)
@@ -144,6 +155,15 @@ def test_quantized_linear_dispatch(device):
 def test_gpu_bf16_large(bits, group, symmetric, M, N, K):
     ql = make_layer(N, K, bits, group, symmetric, "cuda", scale_dtype=torch.bfloat16)
     check(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), ql)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, None)])
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_gpu_bf16_autotuned(bits, group, M):
+    """Every candidate config is compiled and timed once; the winner must still match."""
+    ql = make_layer(4096, 4096, bits, group, True, "cuda", scale_dtype=torch.bfloat16)
+    check(torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16), ql)
 
 
 @pytest.mark.gpu

@@ -3,10 +3,20 @@
 import pytest
 import torch
 
+from mlsys_ref.quant import qmatmul_w8a8
 from mlsys_ref.quant.primitives import quantize
 from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, quantize_per_token_reference, w8a8_linear,
                                           w8a8_linear_reference, w8a8_matmul, w8a8_matmul_reference)
 from mlsys_ref.testing import assert_close
+
+
+@pytest.fixture(autouse=True)
+def one_config(monkeypatch, request):
+    """Pin autotuning to one config (STYLE.md point 8) except in tests named ``*autotuned``."""
+    if "autotuned" in request.node.name:
+        return
+    configs = qmatmul_w8a8._gemm_configs
+    monkeypatch.setattr(qmatmul_w8a8, "_gemm_configs", lambda: configs()[:1])
 
 
 def int8_weight(N, K, device):
@@ -74,6 +84,16 @@ def test_bad_inputs_raise(device):
 @pytest.mark.parametrize("M", [1, 16, 64, 256, 1000])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
 def test_gpu_bf16_large(M, N, K):
+    _check_large(M, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 256])
+def test_gpu_bf16_autotuned(M):
+    _check_large(M, 4096, 4096)
+
+
+def _check_large(M, N, K):
     wq, w_scale = int8_weight(N, K, "cuda")
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     xq, xs = quantize_per_token(x)
