@@ -9,7 +9,7 @@ OR the integer into the mantissa of 2^23.
 
 y[m, n] = Σ_k x[m, perm[k]] · (q[n, k] - z[n, g(k)]) · s[n, g(k)],  g(k) = k // group_size,
 with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], low nibble = even k;
-zero points integer-valued, as that format promises: the kernels subtract 2^23 + z in one exact add).
+zero points may be fractional, as in llama.cpp's Q4_1 grid).
 
 Two kernels:
 - ``_qgemv_kernel`` (M = 1, decode): one program owns BLOCK_N output features and streams their

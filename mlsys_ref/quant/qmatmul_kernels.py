@@ -17,8 +17,8 @@ from mlsys_ref.backend import is_interpreter, tl, triton
 
 
 @triton.jit
-def _unsigned_codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Stored bytes -> 2^23 + u as exact fp32, u the unsigned code of sub-column t (u - ZERO_SHIFT = q)."""
+def _codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, ZERO_SHIFT: tl.constexpr):
+    """Stored bytes -> the code q of sub-column t as exact fp32 (u the unsigned byte/nibble, q = u - ZERO_SHIFT)."""
     if BITS == 4:
         u = (p.to(tl.int32) >> (4 * t)) & 0xF
     elif SIGNED:  # int8 storage read as bytes (uint8): byte = q mod 256, and flipping its top bit gives q + 128
@@ -26,8 +26,8 @@ def _unsigned_codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr
     else:
         u = p.to(tl.int32)
     # 0x4B000000 is 2^23 in fp32: OR-ing u < 2^23 into its mantissa gives the float 2^23 + u exactly;
-    # the caller subtracts (2^23 + z) in one add, exact because zero points are integer-valued
-    return (u | 0x4B000000).to(tl.float32, bitcast=True)
+    # subtracting the constant 2^23 + ZERO_SHIFT then leaves the code q, exactly, in one add
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO_SHIFT)
 
 
 @triton.jit
@@ -95,14 +95,11 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, group_size, 
         g = (k0 + offs_g * BLOCK_KG) // group_size
         sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg
         s = tl.load(s_ptr + sz_offs, mask=n_mask[:, None], other=0).to(tl.float32)
-        z = tl.full([BLOCK_N, BLOCK_G], ZERO_SHIFT + 8388608.0, tl.float32)  # 2^23 + z: see _unsigned_codes
-        if HAS_ZEROS:
-            z += tl.load(z_ptr + sz_offs, mask=n_mask[:, None], other=0).to(tl.float32)
         if X_PAIRS:  # x as int32 words: word k0/2 + col holds the two activations of byte col
             words = tl.load(x_ptr + (k0 // 2 + col) * stride_xk, mask=k0 // 2 + col < K // 2, other=0)
             x_even, x_odd = _split_pairs(words, tl.float32, IS_BF16)
         for t in tl.static_range(PACK):
-            w = _unsigned_codes(p, t, BITS, SIGNED) - z[:, :, None]  # integer-valued q - z
+            q = _codes(p, t, BITS, SIGNED, ZERO_SHIFT)  # [BLOCK_N, BLOCK_G, BLOCK_KGP]
             if X_PAIRS:
                 if t == 0:
                     xs = x_even
@@ -112,10 +109,14 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, group_size, 
                 xk = k0 + col * PACK + t
                 xs = tl.load(x_ptr + xk * stride_xk, mask=xk < K, other=0).to(tl.float32)
             if t == 0:  # products of both nibbles summed elementwise (one FMA each), then one reduction
-                prod = w * xs[None, :, :]
+                prod = q * xs[None, :, :]
+                x_sum = tl.sum(xs, axis=1)
             else:
-                prod += w * xs[None, :, :]
-        part = tl.sum(prod, axis=2)  # [BLOCK_N, BLOCK_G]
+                prod += q * xs[None, :, :]
+                x_sum += tl.sum(xs, axis=1)
+        part = tl.sum(prod, axis=2)  # Σ_j q·x per row and run, [BLOCK_N, BLOCK_G]
+        if HAS_ZEROS:  # Σ_j (q - z)·x = Σ_j q·x - z·Σ_j x: the zero point costs one FMA per row and run
+            part -= tl.load(z_ptr + sz_offs, mask=n_mask[:, None], other=0).to(tl.float32) * x_sum[None, :]
         acc += tl.sum(part * s, axis=1)  # scale once per row and run, not once per weight
     out_ptrs = out_ptr + pid_k * stride_os + offs_n * stride_on
     if SPLIT_K == 1:
@@ -173,14 +174,16 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
             p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None] & (kp[None, :] < K // PACK), other=0)
         g = k0 // group_size  # the chunk lies in one group
         s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        z = tl.full([BLOCK_N], ZERO_SHIFT + 8388608.0, tl.float32)  # 2^23 + z: see _unsigned_codes
-        if HAS_ZEROS:
-            z += tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        if HAS_ZEROS:  # (q - z)·s = q·s - z·s: one FMA per weight
+            zs = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32) * s
         if X_PAIRS:
             x_even, x_odd = _load_x_pairs(x_rows, k0, offs_j, local_m, rows_left, K, stride_xm, stride_xk, DOT, IS_BF16)
         for t in tl.static_range(PACK):
-            # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (u - z)·s, in the dot's dtype
-            w = ((_unsigned_codes(p, t, BITS, SIGNED) - z[:, None]) * s[:, None]).to(DOT)
+            # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (q - z)·s, in the dot's dtype
+            w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT) * s[:, None]
+            if HAS_ZEROS:
+                w -= zs[:, None]
+            w = w.to(DOT)
             if X_PAIRS:
                 if t == 0:
                     xs = x_even

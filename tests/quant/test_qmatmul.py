@@ -21,10 +21,11 @@ def one_config(monkeypatch, request):
     monkeypatch.setattr(qmatmul, "gemm_configs", lambda M: gemm_configs(M)[:1])
 
 
-def make_layer(N, K, bits, group, symmetric, device, act_order=False, bias=False, scale_dtype=torch.float32):
+def make_layer(N, K, bits, group, symmetric, device, act_order=False, bias=False, scale_dtype=torch.float32,
+               integer_zero=True):
     linear = nn.Linear(K, N, bias=bias)
     nn.init.normal_(linear.weight, std=0.05)
-    ql = QuantizedLinear.from_linear(linear, bits, group, symmetric, scale_dtype=scale_dtype)
+    ql = QuantizedLinear.from_linear(linear, bits, group, symmetric, scale_dtype=scale_dtype, integer_zero=integer_zero)
     if act_order:  # same codes, columns declared as stored in a random order
         ql = QuantizedLinear.from_codes(ql.codes(), ql.scales, ql.zeros, bits, bias=ql.bias,
                                         perm=torch.randperm(K), scale_dtype=scale_dtype)
@@ -63,6 +64,15 @@ def test_fp32_act_order_bias_and_leading_dims(device, bits, M):
     ql = make_layer(37, 128, bits, 32, False, device, act_order=True, bias=True)
     x = torch.randn(M, 2, 128, device=device)
     check(x, ql, bias=ql.bias)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M", [1, 5, 17])
+def test_fractional_zero_points(device, bits, M):
+    """llama.cpp's Q4_1 grid: z = -min/s is not an integer, and the kernels must not round it."""
+    ql = make_layer(45, 128, bits, 32, False, device, integer_zero=False)
+    assert (ql.zeros != ql.zeros.round()).any()
+    check(torch.randn(M, 128, device=device), ql)
 
 
 @pytest.mark.parametrize("split", [1, 3])
