@@ -228,3 +228,23 @@ def gemm_configs(M: int) -> list[dict]:
                  (64, 256, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (128, 64, 128, 1, 4, 3), (64, 128, 128, 1, 8, 3),
                  (32, 128, 64, 2, 4, 4)]
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st) for m, n, k, s, w, st in table]
+
+
+if __name__ == "__main__":
+    import torch
+
+    from mlsys_ref.backend import default_device
+    from mlsys_ref.quant.linear import QuantizedLinear
+    from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
+    from mlsys_ref.testing import max_error
+
+    print("GEMV configs (M = 1):", gemv_configs()[:3], "...")
+    for M in (16, 256):
+        print(f"tiled configs (M = {M}):", gemm_configs(M)[:2], "...")
+    torch.manual_seed(0)
+    ql = QuantizedLinear.from_linear(torch.nn.Linear(256, 40), 4, 64, symmetric=False).to(default_device())
+    for M in (1, 16, 33):  # GEMV, skinny tiled (split-K), tiled
+        x = torch.randn(M, 256, device=default_device(), dtype=torch.float16)
+        y = quant_matmul(x, ql.qweight, ql.scales, ql.zeros, bits=4)
+        print(f"M={M:2d}: max error vs dequantize-then-matmul "
+              f"{max_error(y, quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4)):.2e}")

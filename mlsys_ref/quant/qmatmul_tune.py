@@ -68,3 +68,8 @@ def pick_config(name: str, key: Hashable, candidates: Sequence[dict], launch: Ca
 def tuned_configs() -> dict[Hashable, dict]:
     """What the tuner chose so far (benchmarks print it)."""
     return dict(_BEST)
+
+
+if __name__ == "__main__":
+    print("M -> autotune bucket:", {M: m_bucket(M) for M in (1, 2, 16, 17, 64, 100, 256, 1000)})
+    print("interpreter: one config, no timing" if is_interpreter() else "GPU: each new key times its candidates")
