@@ -22,6 +22,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# Under pytest-xdist each worker is its own process: one intra-op thread each, or the
+# workers oversubscribe the cores and tiny-model tests run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() and not mlsys_ref.is_interpreter():
