@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from mlsys_ref.quant.linear import QuantizedLinear, check_format
-from mlsys_ref.quant.primitives import quant_params, quantize, quantize_with
+from mlsys_ref.quant.primitives import qrange, quant_params, quantize, quantize_with
 
 __all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "gptq_reference", "rtn_quantize", "layer_error"]
 
@@ -123,7 +123,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             zeros.copy_(z)
     # -- Step 3: U = chol(H⁻¹)ᵀ (upper); row i of U is the eliminated H⁻¹ row i, scaled by 1/√[H⁻¹]_ii
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros(N, K, dtype=torch.int32, device=W.device)
+    Q = torch.zeros(N, K, dtype=W.dtype, device=W.device)  # codes, as floats until the end
+    lo, hi = qrange(bits, symmetric)
+    zero_of = torch.zeros_like(scales) if zeros is None else zeros  # a view: sees the groups as they are set
     for i1 in range(0, K, blocksize):  # -- Step 2: lazy batch of B columns
         i2 = min(i1 + blocksize, K)
         W1 = W[:, i1:i2].clone()  # [N, B] the block, updated column by column
@@ -145,21 +147,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
                     zeros[:, col // group] = z[:, 0].to(W.dtype)
             g = col // group
             w = W1[:, i]  # [N]
-            s, z = scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1]
-            q = quantize_with(w[:, None], s, z, bits)  # [N, 1]
-            w_hat = ((q.to(W.dtype) - (0 if z is None else z)) * s)[:, 0]
-            Q[:, col] = q[:, 0]
-            err = (w - w_hat) / Hinv1[i, i]  # -- Step 1: the OBS error of this column
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            s, z = scales[:, g], zero_of[:, g]  # [N] each (z = 0 when symmetric)
+            q = torch.clamp(torch.round(w / s + z), lo, hi)  # the same rounding as quantize_with
+            Q[:, col] = q
+            err = (w - (q - z) * s) / Hinv1[i, i]  # -- Step 1: the OBS error of this column
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # W1[:, i:] -= err ⊗ Hinv1[i, i:]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy rank-B update of everything after the block
-    return GPTQResult(Q, scales, zeros, perm)
+    return GPTQResult(Q.to(torch.int32), scales, zeros, perm)
 
 
 def gptq_reference(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int | None = None,
                    symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
-                   percdamp: float = 0.01) -> GPTQResult:
-    """The straightforward version: explicit H⁻¹, one column at a time, eliminating it from H⁻¹ (OBS)."""
+                   percdamp: float = 0.01, callback=None) -> GPTQResult:
+    """The straightforward version: explicit H⁻¹, one column at a time, eliminating it from H⁻¹ (OBS).
+
+    ``callback(col, W)``, if given, sees the working weights (stored order) after each column's update.
+    """
     N, K = W.shape
     group = check_format(K, bits, group_size)
     W, H, perm = _prepare(W, H, act_order, percdamp)
@@ -188,6 +192,8 @@ def gptq_reference(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
         W -= err[:, None] * Hinv[col][None, :]  # quantized columns have zero rows in Hinv: untouched
         W[:, col] = w_hat
         Hinv -= Hinv[:, col:col + 1] @ Hinv[col:col + 1, :] / Hinv[col, col]  # eliminate column col
+        if callback is not None:
+            callback(col, W)
     return GPTQResult(Q, scales, zeros, perm)
 
 
