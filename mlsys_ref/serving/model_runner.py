@@ -117,21 +117,14 @@ class ModelRunner:
 
 
 def layer_before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A decoder layer up to ``attend``: norm, q/k/v projections, RoPE (as in model.Attention.forward)."""
-    from mlsys_ref.serving.model import apply_rope
-
-    attention, T = layer.attention, x.shape[0]
-    h = layer.attn_norm(x)
-    q = attention.q_proj(h).view(T, attention.num_heads, attention.head_dim)  # [T, Hq, D]
-    k = attention.k_proj(h).view(T, attention.num_kv_heads, attention.head_dim)  # [T, Hkv, D]
-    v = attention.v_proj(h).view(T, attention.num_kv_heads, attention.head_dim)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, h.dtype
+    """A decoder layer up to ``attend`` (norm, q/k/v projections, RoPE): ``model.DecoderLayer.before_attention``.
+    A plain function of the layer so that ``torch.compile`` compiles it once for every layer."""
+    return layer.before_attention(x, cos, sin)
 
 
-def layer_after_attention(layer, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The rest of the layer: output projection, residual, norm, SwiGLU MLP, residual."""
-    x = x + layer.attention.o_proj(out.reshape(x.shape[0], -1).to(dtype))
-    return x + layer.mlp(layer.mlp_norm(x))
+def layer_after_attention(layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer (output projection, residual, SwiGLU MLP): ``DecoderLayer.after_attention``."""
+    return layer.after_attention(x, out)
 
 
 def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, attend, before=layer_before_attention,
@@ -143,8 +136,8 @@ def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, atte
     cos, sin = model.rope(positions)
     x = model.embed_tokens(tokens)  # [T, hidden]
     for index, layer in enumerate(model.layers):
-        q, k, v, dtype = before(layer, x, cos, sin)
-        x = after(layer, x, attend(index, q, k, v), dtype)
+        q, k, v = before(layer, x, cos, sin)
+        x = after(layer, x, attend(index, q, k, v))
     return model.lm_head(model.norm(x)).float()
 
 
