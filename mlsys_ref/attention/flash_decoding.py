@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from mlsys_ref.attention.flash_triton import _batch_and_head, _load_kv, _online_softmax_step
 from mlsys_ref.backend import check_kernel_device, is_interpreter, require_triton, tl, triton
 
 __all__ = ["flash_decode"]
@@ -54,21 +55,12 @@ def _split_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_d, position,
                  PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < split_end) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_vs, split_end, HEAD_DIM, UPCAST)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units: scale · log2(e) folded in
         if MASKED:  # only the split's tail block and the causal diagonal among the new tokens need a mask
             s = tl.where((offs_n[None, :] < split_end) & (offs_n[None, :] <= position[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: exp2 must give 0, not NaN
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        # -- the forward's online-softmax update; the m = -inf guard stays on in both loops, as it always was here
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, True, PRECISION, tl.float32)
     return acc, m_i, l_i
 
 
@@ -80,8 +72,7 @@ def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_SEQLENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     split = tl.program_id(0)
-    off_b = (tl.program_id(1) // num_kv_heads).to(tl.int64)
-    off_hk = (tl.program_id(1) % num_kv_heads).to(tl.int64)
+    off_b, off_hk = _batch_and_head(num_kv_heads)
     seqlen = cache_len
     if HAS_SEQLENS:
         seqlen = tl.minimum(tl.load(SEQLENS + off_b).to(tl.int32), cache_len)

@@ -124,6 +124,46 @@ def _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window,
 
 
 @triton.jit
+def _batch_and_head(num_heads):
+    """(batch, head) of this program from grid axis 1; int64 so that offset · stride cannot overflow."""
+    return (tl.program_id(1) // num_heads).to(tl.int64), (tl.program_id(1) % num_heads).to(tl.int64)
+
+
+@triton.jit
+def _alibi_slope(SLOPES, off_b, stride_slope_b, off_h, HAS_ALIBI: tl.constexpr):
+    """ALiBi slope of head ``off_h`` times log2(e), so the bias is in the log2 units of the scores; 0 without ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + off_b * stride_slope_b + off_h) * 1.4426950408889634  # log2(e)
+    return slope
+
+
+@triton.jit
+def _load_kv(K, V, offs_n, offs_d, stride_ks, stride_vs, seqlen_k, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """K_j, V_j [BLOCK_N, BLOCK_D]: rows from ``seqlen_k`` on and the head-dim padding load as 0."""
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, s, v, MASKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Fold one tile of scores ``s`` (log2 units) and its V_j into (acc, m_i, l_i) (Algorithm 1, lines 9-10)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = m_new
+    if MASKED:  # a row that has seen no key keeps m = -inf: subtract 0 instead, so exp2 gives 0 and not NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])  # P̃_ij [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, lo, hi,
                seqlen_q, seqlen_k, qk_scale, slope, window,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -131,24 +171,12 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, lo,
                PRECISION: tl.constexpr, ACC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)  # K_j [BLOCK_N, BLOCK_D]
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)  # V_j
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_vs, seqlen_k, HEAD_DIM, UPCAST)  # K_j, V_j [BLOCK_N, BLOCK_D]
         # -- S_ij = Q_i K_jᵀ · scale · log2(e): exp2 is the native instruction and exp(x) = exp2(x·log2 e)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
-        # -- update m_i and l_i (Algorithm 1, lines 9-10)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = m_new
-        if MASKED:  # a row that has seen no key keeps m = -inf: subtract 0 instead, so exp2 gives 0 and not NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])  # P̃_ij [BLOCK_M, BLOCK_N]
-        alpha = tl.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
+        # -- update m_i, l_i and rescale acc (Algorithm 1, lines 9-10)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, MASKED, PRECISION, ACC)
     return acc, m_i, l_i
 
 
@@ -163,8 +191,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC = LSE.dtype.element_ty  # accumulators: fp32 (fp64 for fp64 inputs), the dtype of the saved lse
     start_m = tl.program_id(0)
-    off_b = (tl.program_id(1) // num_heads).to(tl.int64)
-    off_h = (tl.program_id(1) % num_heads).to(tl.int64)
+    off_b, off_h = _batch_and_head(num_heads)
     off_hk = off_h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
     q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
     k_start, seqlen_k = _sequence(CU_K, off_b, seqlen_k, VARLEN)
@@ -179,9 +206,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)  # Q_i [BLOCK_M, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + off_b * stride_slope_b + off_h) * 1.4426950408889634  # log2(e)
+    slope = _alibi_slope(SLOPES, off_b, stride_slope_b, off_h, HAS_ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)

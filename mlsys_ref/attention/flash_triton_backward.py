@@ -19,11 +19,22 @@ from __future__ import annotations
 import torch
 
 from mlsys_ref.attention.flash_triton import (
-    _AUTOTUNE_KEY, _bias_and_mask, _configs, _key_range, _Problem, _pruner, _sequence, _strides,
+    _AUTOTUNE_KEY, _alibi_slope, _batch_and_head, _bias_and_mask, _configs, _key_range, _load_kv, _Problem, _pruner,
+    _sequence, _strides,
 )
 from mlsys_ref.backend import require_triton, tl, triton
 
 __all__ = ["flash_backward"]
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, rows, row_ok):
+    """L_i in log2 units and D_i of query rows ``rows``; a row that saw no key (L = -inf) gets L = +inf,
+    so P = exp2(S - L) = 0 there and not NaN."""
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    return lse, delta
 
 
 @triton.jit
@@ -33,8 +44,7 @@ def _preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_lb,
     """D_i = rowsum(dO_i ∘ O_i) (Algorithm 2, line 4); O and dO share one layout."""
     ACC = DELTA.dtype.element_ty
     start_m = tl.program_id(0)
-    off_b = (tl.program_id(1) // num_heads).to(tl.int64)
-    off_h = (tl.program_id(1) % num_heads).to(tl.int64)
+    off_b, off_h = _batch_and_head(num_heads)
     q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -59,9 +69,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_os, offs_n, o
         do = tl.load(DO + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)  # dO_i
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
             q, do = q.to(tl.float32), do.to(tl.float32)
-        lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # L_i in log2 units
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = exp2(-inf) = 0, not NaN
-        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)  # D_i
+        lse, delta = _row_stats(LSE, DELTA, offs_m, row_ok)  # L_i (log2 units), D_i
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
         p = tl.exp2(s - lse[:, None])  # P_ij recomputed from the saved lse (line 11)
@@ -83,8 +91,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC = LSE.dtype.element_ty  # accumulators: fp32 (fp64 for fp64 inputs), the dtype of the saved lse
     start_n = tl.program_id(0)
-    off_b = (tl.program_id(1) // num_kv_heads).to(tl.int64)
-    off_hk = (tl.program_id(1) % num_kv_heads).to(tl.int64)
+    off_b, off_hk = _batch_and_head(num_kv_heads)
     q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
     k_start, seqlen_k = _sequence(CU_K, off_b, seqlen_k, VARLEN)
     if start_n * BLOCK_N >= seqlen_k:
@@ -122,9 +129,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
         DO_h = DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_os
         LSE_h = LSE + off_b * stride_lb + off_h * stride_lh + q_start
         DELTA_h = DELTA + off_b * stride_lb + off_h * stride_lh + q_start
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(SLOPES + off_b * stride_slope_b + off_h) * 1.4426950408889634
+        slope = _alibi_slope(SLOPES, off_b, stride_slope_b, off_h, HAS_ALIBI)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, DO_h, LSE_h, DELTA_h, stride_qs, stride_os, offs_n, offs_d,
                              lo, full_lo, seqlen_q, seqlen_k, qk_scale, slope, window, BLOCK_M, HEAD_DIM,
                              CAUSAL, HAS_WINDOW, HAS_ALIBI, True, UPCAST, PRECISION, ACC)
@@ -144,11 +149,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d,
               PRECISION: tl.constexpr, ACC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_vs, seqlen_k, HEAD_DIM, UPCAST)  # K_j, V_j
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
         p = tl.exp2(s - lse[:, None])
@@ -169,8 +170,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC = LSE.dtype.element_ty  # accumulators: fp32 (fp64 for fp64 inputs), the dtype of the saved lse
     start_m = tl.program_id(0)
-    off_b = (tl.program_id(1) // num_heads).to(tl.int64)
-    off_h = (tl.program_id(1) % num_heads).to(tl.int64)
+    off_b, off_h = _batch_and_head(num_heads)
     off_hk = off_h // group
     q_start, seqlen_q = _sequence(CU_Q, off_b, seqlen_q, VARLEN)
     k_start, seqlen_k = _sequence(CU_K, off_b, seqlen_k, VARLEN)
@@ -186,12 +186,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
     row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
-    lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=0.0) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0, not NaN
-    delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + off_b * stride_slope_b + off_h) * 1.4426950408889634
+    lse, delta = _row_stats(LSE, DELTA, row, offs_m < seqlen_q)  # L_i (log2 units), D_i
+    slope = _alibi_slope(SLOPES, off_b, stride_slope_b, off_h, HAS_ALIBI)
     K += off_b * stride_kb + off_hk * stride_kh + k_start * stride_ks
     V += off_b * stride_vb + off_hk * stride_vh + k_start * stride_vs
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
