@@ -101,93 +101,71 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 # -- Megatron's f and g, and their sequence-parallel versions -----------------------------------
-class _CopyToTP(torch.autograd.Function):  # f: identity forward, all-reduce backward
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+# Each operator is a pair (forward collective, backward collective), the backward being the
+# conjugate (the transpose) of the forward: one autograd Function runs any pair.
+def _identity(x, group):
+    return x
+
+
+def _sum(x, group):  # all-reduce
+    return all_reduce(x.contiguous(), group)
+
+
+def _gather_last(x, group):
+    return all_gather(x, -1, group)
+
+
+def _split_last(x, group):
+    return _split(x, -1, group)
+
+
+def _gather_seq(x, group):
+    return all_gather(x, 1, group)
+
+
+def _reduce_scatter_seq(x, group):
+    return reduce_scatter(x.contiguous(), 1, group)
+
+
+class _Conjugate(torch.autograd.Function):
+    """y = forward_op(x); dx = backward_op(dy): the layers never call a collective in their backward."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):  # g: all-reduce forward, identity backward
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromTP(torch.autograd.Function):  # gather_output: all-gather last dim, backward split
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
-
-
-class _GatherSeq(torch.autograd.Function):  # SP's f: all-gather sequence forward, reduce-scatter backward
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, 1, group)
+    def forward(ctx, x, group, forward_op, backward_op):
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter(grad.contiguous(), 1, ctx.group), None
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
-class _ReduceScatterSeq(torch.autograd.Function):  # SP's g: reduce-scatter forward, all-gather backward
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x.contiguous(), 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, 1, ctx.group), None
+def _conjugate(x, group, forward_op, backward_op):
+    return x if _size(group) == 1 else _Conjugate.apply(x, group, forward_op, backward_op)
 
 
-class _ScatterToTP(torch.autograd.Function):  # split last dim forward, all-gather backward
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, -1, ctx.group), None
+def copy_to_tp(x, group):  # f: identity forward, all-reduce backward
+    return _conjugate(x, group, _identity, _sum)
 
 
-def scatter_to_tp(x, group):
-    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
+def reduce_from_tp(x, group):  # g: all-reduce forward, identity backward
+    return _conjugate(x, group, _sum, _identity)
 
 
-def copy_to_tp(x, group):
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+def gather_from_tp(x, group):  # gather_output: all-gather last dim forward, split backward
+    return _conjugate(x, group, _gather_last, _split_last)
 
 
-def reduce_from_tp(x, group):
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+def scatter_to_tp(x, group):  # input_is_parallel=False: split last dim forward, all-gather backward
+    return _conjugate(x, group, _split_last, _gather_last)
 
 
-def gather_from_tp(x, group):
-    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+def gather_seq(x, group):  # SP's f: [b, s/t, h] -> [b, s, h]; backward reduce-scatter
+    return _conjugate(x, group, _gather_seq, _reduce_scatter_seq)
 
 
-def gather_seq(x, group):  # x: [b, s/t, h] -> [b, s, h]
-    return x if _size(group) == 1 else _GatherSeq.apply(x, group)
-
-
-def reduce_scatter_seq(x, group):  # x: [b, s, h] partial sums -> [b, s/t, h] summed
-    return x if _size(group) == 1 else _ReduceScatterSeq.apply(x, group)
+def reduce_scatter_seq(x, group):  # SP's g: [b, s, h] partial sums -> [b, s/t, h] summed; backward all-gather
+    return _conjugate(x, group, _reduce_scatter_seq, _gather_seq)
 
 
 # -- pipeline point-to-point ----------------------------------------------------------------------

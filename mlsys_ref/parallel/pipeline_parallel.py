@@ -86,12 +86,14 @@ class _Neighbours:
 
 
 def pipeline_step(stage, groups: Groups, tokens, targets, micro_batches: int, schedule: str = "1f1b",
-                  hidden_shape=None):
+                  hidden_shape=None, record=None):
     """Forward and backward of one batch through the pipeline; returns the loss on the last stage, else None.
 
     ``tokens``/``targets`` [b, s] are the whole (data-parallel-local) batch on every stage;
     ``hidden_shape`` is one micro-batch's activation shape, [b/m, s (or s/t with SP), hidden].
     Gradients are accumulated into ``stage``'s parameters; the optimizer step is the caller's.
+    ``record(kind, micro_batch, edge)``, if given, is called with ("F" or "B", j, "start" or "end")
+    around each forward and backward computation (the benchmark records CUDA events there).
     """
     if schedule not in SCHEDULES[:2]:
         raise ValueError(f"schedule must be one of {SCHEDULES[:2]} (interleaved: interleaved_step), got {schedule!r}")
@@ -99,22 +101,27 @@ def pipeline_step(stage, groups: Groups, tokens, targets, micro_batches: int, sc
     token_mbs, target_mbs = tokens.chunk(m), targets.chunk(m)
     param = next(stage.parameters())
     io = _Neighbours(groups, hidden_shape, param.dtype, param.device)
-    losses, alive, peak = [], [], 0  # alive: (input, output) of micro-batches awaiting backward
+    losses, alive, peak = [], [], 0  # alive: (input, output, micro-batch) of micro-batches awaiting backward
+    record = record or (lambda kind, j, edge: None)
 
     def forward(i, x):
         x = token_mbs[i] if io.first else x.requires_grad_()
+        record("F", i, "start")
         out = stage(x, target_mbs[i])
         if io.last:
             out = out / m  # sum of m micro-batch means = the full-batch mean
             losses.append(out.detach())
-        alive.append((x, out))
+        record("F", i, "end")
+        alive.append((x, out, i))
         return out
 
     def backward(g):
         nonlocal peak
         peak = max(peak, len(alive))
-        x, out = alive.pop(0)  # micro-batches finish backward in the order they entered
+        x, out, i = alive.pop(0)  # micro-batches finish backward in the order they entered
+        record("B", i, "start")
         torch.autograd.backward(out, None if io.last else g)
+        record("B", i, "end")
         return None if io.first else x.grad
 
     if schedule == "gpipe":

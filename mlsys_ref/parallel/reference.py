@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlsys_ref.serving.model import RMSNorm  # the same norm as the serving Llama (fp32 inside, so bf16 runs keep it)
+
 __all__ = ["ModelConfig", "RMSNorm", "rope", "causal_attention", "Block", "ReferenceModel", "shard", "make_batch"]
 
 
@@ -52,16 +54,6 @@ class ModelConfig:
         attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
         block = attention + 3 * self.hidden * self.ffn + 2 * self.hidden
         return 2 * self.vocab * self.hidden + self.layers * block + self.hidden
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden))
-
-    def forward(self, x):  # [..., hidden]
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def rope(x: torch.Tensor, base: float) -> torch.Tensor:
