@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mlsys_ref.attention.reference import attention_bias, visible_keys
+
 __all__ = ["FlashTrace", "flash_forward", "flash_backward", "flash_attention_torch"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,23 +52,16 @@ class FlashTrace:
 def _tile_scores(q_i, k_j, i0, j0, q_len, kv_len, scale, causal, window, alibi_slopes):
     """S_ij = scale · Q_i K_jᵀ (+ ALiBi), masked to -inf; ``None`` when the whole tile is masked.
 
-    Positions as in `reference.visible_keys`: query row r sits at key position r + kv_len - q_len.
+    The tile's mask and bias come from the reference's own `visible_keys` and `attention_bias`
+    (query row r sits at key position r + kv_len - q_len), so the two cannot drift apart.
     """
-    rows = torch.arange(i0, i0 + q_i.shape[-2], device=q_i.device)[:, None]  # [Br, 1]
-    cols = torch.arange(j0, j0 + k_j.shape[-2], device=q_i.device)[None, :]  # [1, Bc]
-    position = rows + (kv_len - q_len)  # bottom-right alignment
-    visible = torch.ones(rows.shape[0], cols.shape[1], dtype=torch.bool, device=q_i.device)  # [Br, Bc]
-    if causal:
-        visible &= cols <= position
-    if window is not None:
-        visible &= cols > position - window
-        if not causal:
-            visible &= cols < position + window
+    tile = dict(q_start=i0, k_start=j0, q_end=i0 + q_i.shape[-2], k_end=j0 + k_j.shape[-2])
+    visible = visible_keys(q_len, kv_len, causal, window, device=q_i.device, **tile)  # [Br, Bc]
     if not visible.any():
         return None
     S_ij = torch.matmul(q_i, k_j.transpose(-1, -2)) * scale  # [B, Hq, Br, Bc]
     if alibi_slopes is not None:
-        S_ij = S_ij - alibi_slopes[..., None, None] * (position - cols).abs().to(S_ij.dtype)
+        S_ij = S_ij + attention_bias(q_len, kv_len, alibi_slopes, **tile)  # slopes already in S_ij's dtype
     return S_ij.masked_fill(~visible, float("-inf"))
 
 

@@ -32,14 +32,17 @@ def visible_keys(
     device: torch.device | str = "cpu",
     q_start: int = 0,
     k_start: int = 0,
+    q_end: int | None = None,
+    k_end: int | None = None,
 ) -> torch.Tensor:
     """Boolean ``[q_rows, k_cols]`` mask of which keys each query sees (True = visible).
 
-    ``q_start``/``k_start`` select a tile: rows ``q_start..`` of ``q_len`` queries and columns
-    ``k_start..`` of ``kv_len`` keys, so tiled implementations can ask for one block's mask.
+    ``q_start``/``q_end`` and ``k_start``/``k_end`` select a tile: rows ``q_start:q_end`` of ``q_len``
+    queries and columns ``k_start:k_end`` of ``kv_len`` keys (ends default to the lengths), so tiled
+    implementations (flash_torch) ask for one block's mask.
     """
-    query_index = torch.arange(q_start, q_len, device=device)[:, None]
-    key_index = torch.arange(k_start, kv_len, device=device)[None, :]
+    query_index = torch.arange(q_start, q_len if q_end is None else q_end, device=device)[:, None]
+    key_index = torch.arange(k_start, kv_len if k_end is None else k_end, device=device)[None, :]
     position = query_index + (kv_len - q_len)  # bottom-right alignment
     visible = torch.ones(query_index.shape[0], key_index.shape[1], dtype=torch.bool, device=device)
     if causal:
@@ -52,11 +55,18 @@ def visible_keys(
 
 
 def attention_bias(
-    q_len: int, kv_len: int, alibi_slopes: torch.Tensor, q_start: int = 0, k_start: int = 0
+    q_len: int,
+    kv_len: int,
+    alibi_slopes: torch.Tensor,
+    q_start: int = 0,
+    k_start: int = 0,
+    q_end: int | None = None,
+    k_end: int | None = None,
 ) -> torch.Tensor:
-    """ALiBi bias ``-slope · |p - j|`` of shape ``[..., heads, q_rows, k_cols]`` (slopes ``[heads]`` or ``[batch, heads]``)."""
-    query_index = torch.arange(q_start, q_len, device=alibi_slopes.device)[:, None]
-    key_index = torch.arange(k_start, kv_len, device=alibi_slopes.device)[None, :]
+    """ALiBi bias ``-slope · |p - j|`` of shape ``[..., heads, q_rows, k_cols]`` (slopes ``[heads]`` or ``[batch, heads]``);
+    the tile arguments are visible_keys'."""
+    query_index = torch.arange(q_start, q_len if q_end is None else q_end, device=alibi_slopes.device)[:, None]
+    key_index = torch.arange(k_start, kv_len if k_end is None else k_end, device=alibi_slopes.device)[None, :]
     distance = (query_index + (kv_len - q_len) - key_index).abs().to(alibi_slopes.dtype)
     return -alibi_slopes[..., None, None] * distance
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsys_ref.attention.reference import attention_reference, attention_varlen_reference, visible_keys
+from mlsys_ref.attention.reference import attention_bias, attention_reference, attention_varlen_reference, visible_keys
 from mlsys_ref.testing import assert_close
 
 
@@ -43,6 +43,18 @@ def test_sliding_window():
     ]
     both_sides = visible_keys(3, 3, causal=False, window=2)
     assert both_sides.tolist() == [[True, True, False], [True, True, True], [False, True, True]]
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, 3), (True, 4)])
+def test_tile_is_a_slice_of_the_full_mask_and_bias(causal, window):
+    # flash_torch asks for one [Br, Bc] tile at a time: it must be exactly that slice of the whole.
+    slopes = torch.tensor([[0.5, 0.25]])  # [batch 1, heads 2]
+    full_mask = visible_keys(7, 11, causal, window)
+    full_bias = attention_bias(7, 11, slopes)
+    for i0, i1, j0, j1 in [(0, 3, 0, 4), (3, 7, 4, 11), (5, 6, 2, 9)]:
+        tile = dict(q_start=i0, k_start=j0, q_end=i1, k_end=j1)
+        assert torch.equal(visible_keys(7, 11, causal, window, **tile), full_mask[i0:i1, j0:j1])
+        assert torch.equal(attention_bias(7, 11, slopes, **tile), full_bias[..., i0:i1, j0:j1])
 
 
 def test_row_seeing_no_key_is_zero_not_nan():
