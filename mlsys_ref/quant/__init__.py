@@ -3,18 +3,26 @@
 One technique per module: ``primitives`` (absmax / zero-point, int4 packing, fp8), ``linear``
 (QuantizedLinear and the storage format the kernels read), ``llm_int8`` (Dettmers et al. 2022),
 ``smoothquant`` (Xiao et al. 2023), ``gptq`` (Frantar et al. 2022, with RTN), ``model``
-(quantize_model, save/load). Tour rows: ``checks``.
+(quantize_model, save/load), ``evaluation`` (corpus and perplexity). Tour rows: ``checks``.
+
+Names below are imported on first use, so that ``python -m mlsys_ref.quant.<module>`` demos run
+their module once, cleanly.
 """
 
-from mlsys_ref.quant.gptq import gptq_quantize, gptq_reference, rtn_quantize
-from mlsys_ref.quant.linear import QuantizedLinear
-from mlsys_ref.quant.llm_int8 import Int8Linear, int8_matmul, llm_int8_matmul
-from mlsys_ref.quant.model import load_quantized, quantize_model, save_quantized
-from mlsys_ref.quant.primitives import dequantize, pack_int4, quantize, quantize_fp8, unpack_int4
-from mlsys_ref.quant.smoothquant import smooth_model, smoothing_factors
+from importlib import import_module
 
-__all__ = [
-    "QuantizedLinear", "Int8Linear", "quantize", "dequantize", "pack_int4", "unpack_int4", "quantize_fp8",
-    "int8_matmul", "llm_int8_matmul", "smoothing_factors", "smooth_model", "gptq_quantize", "gptq_reference",
-    "rtn_quantize", "quantize_model", "save_quantized", "load_quantized",
-]
+_EXPORTS = {
+    "QuantizedLinear": "linear", "Int8Linear": "llm_int8", "int8_matmul": "llm_int8", "llm_int8_matmul": "llm_int8",
+    "quantize": "primitives", "dequantize": "primitives", "pack_int4": "primitives", "unpack_int4": "primitives",
+    "quantize_fp8": "primitives", "dequantize_fp8": "primitives",
+    "smoothing_factors": "smoothquant", "smooth_model": "smoothquant",
+    "gptq_quantize": "gptq", "gptq_reference": "gptq", "rtn_quantize": "gptq",
+    "quantize_model": "model", "save_quantized": "model", "load_quantized": "model",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"mlsys_ref.quant.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mlsys_ref.quant' has no attribute {name!r}")
