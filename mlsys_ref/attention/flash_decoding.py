@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from mlsys_ref.attention.flash_triton import _batch_and_head, _load_kv, _online_softmax_step
-from mlsys_ref.backend import check_kernel_device, is_interpreter, require_triton, tl, triton
+from mlsys_ref.attention.flash_triton import _batch_and_head, _check_heads, _check_tensors, _load_kv, _online_softmax_step
+from mlsys_ref.backend import is_interpreter, require_triton, tl, triton
 
 __all__ = ["flash_decode"]
 
@@ -148,16 +148,7 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, scale
     tokens are the last ``q_len`` of them (bottom-right causal). ``num_splits``: key chunks per sequence.
     """
     require_triton("flash_decode")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(x.shape)}")
-        if x.dtype != q.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} has dtype {x.dtype}: q, k_cache, v_cache must share fp16, bf16 or fp32")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    check_kernel_device(q, "q")
+    _check_tensors((("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, (torch.float16, torch.bfloat16, torch.float32))
     batch, q_heads, q_len, head_dim = q.shape
     _, kv_heads, cache_len, _ = k_cache.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
@@ -165,10 +156,7 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, scale
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if not 1 <= q_len <= 16:
         raise ValueError(f"q_len must be 1..16 (decoding), got {q_len}; use flash_attention for prefill")
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in 16..256, got {head_dim}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q's {q_heads} heads must be a multiple of the cache's {kv_heads} heads (GQA/MQA)")
+    _check_heads(head_dim, q_heads, kv_heads, "the cache")
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (batch,) or cache_seqlens.is_floating_point():
             raise ValueError(f"cache_seqlens must be an integer tensor of shape [{batch}]")

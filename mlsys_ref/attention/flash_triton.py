@@ -232,29 +232,41 @@ def _fwd_kernel(Q, K, V, O, LSE,
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(q, k, v, rank: int, alibi_slopes, window, scale, batch: int | None) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def _check_tensors(named: tuple, rank: int, dtypes: tuple) -> None:
+    """Every ``(name, x)`` is a tensor of rank ``rank`` with the first one's dtype (one of ``dtypes``) and
+    device, and that device is one the kernels run on. Shared by every Triton attention entry point."""
+    first, q = named[0]
+    for name, x in named:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != rank:
             layout = "[batch, heads, seq, head_dim]" if rank == 4 else "[total_tokens, heads, head_dim]"
             raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name} dtype must be one of {dtypes}, got {x.dtype}")
         if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: all three must match")
+            raise TypeError(f"{name} has dtype {x.dtype} but {first} has {q.dtype}: all must match")
         if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
-    check_kernel_device(q, "q")
+            raise ValueError(f"{name} is on {x.device} but {first} is on {q.device}")
+    check_kernel_device(q, first)
+
+
+def _check_heads(head_dim: int, q_heads: int, kv_heads: int, kv_name: str) -> None:
+    """Head dims the kernels pad to a power of two (16..256), and GQA/MQA head counts."""
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in 16..256 (e.g. 32, 64, 80, 96, 128, 256), got {head_dim}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q's {q_heads} heads must be a multiple of {kv_name}'s {kv_heads} heads (GQA/MQA)")
+
+
+def _check(q, k, v, rank: int, alibi_slopes, window, scale, batch: int | None) -> None:
+    _check_tensors((("q", q), ("k", k), ("v", v)), rank, _DTYPES)
     head_dim, q_heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[-1] != head_dim:
         raise ValueError(f"k's head_dim {k.shape[-1]} differs from q's {head_dim}")
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in 16..256 (e.g. 32, 64, 80, 96, 128, 256), got {head_dim}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q's {q_heads} heads must be a multiple of k/v's {kv_heads} heads (GQA/MQA)")
+    _check_heads(head_dim, q_heads, kv_heads, "k/v")
     if rank == 4 and k.shape[0] != q.shape[0]:
         raise ValueError(f"q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
     if window is not None and (not isinstance(window, int) or window < 1):
