@@ -26,7 +26,9 @@ import math
 
 import torch
 
-from mlsys_ref.attention.flash_triton import _batch_and_head, _check_heads, _check_tensors, _load_kv, _online_softmax_step
+from mlsys_ref.attention.flash_triton import (
+    _batch_and_head, _check_heads, _check_tensors, _keep_fitting, _load_kv, _online_softmax_step,
+)
 from mlsys_ref.backend import is_interpreter, require_triton, tl, triton
 
 __all__ = ["flash_decode"]
@@ -41,12 +43,8 @@ def _configs() -> list:
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose Q tile plus pipelined K/V tiles fit in 200 KB of shared memory (at most three)."""
-    if len(configs) <= 1:
-        return configs
-    q = named_args.get("Q", kwargs.get("Q"))
-    row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
-    fits = [c for c in configs if (kwargs.get("BLOCK_M", 16) + (c.num_stages - 1) * 2 * c.kwargs["BLOCK_N"]) * row_bytes <= 200 * 1024]
-    return fits[:3] or configs[-1:]
+    rows = lambda config: (kwargs.get("BLOCK_M", 16), 2 * config.kwargs["BLOCK_N"])  # noqa: E731
+    return _keep_fitting(configs, named_args, kwargs, rows, keep=3)
 
 
 @triton.jit

@@ -46,25 +46,29 @@ def _configs(pass_name: str) -> list:
 _SMEM_BUDGET = 200 * 1024  # bytes of tiles; an H100 SM has 228 KB of shared memory
 
 
+def _keep_fitting(configs, named_args, kwargs, rows, keep: int) -> list:
+    """Drop configs whose tiles overflow shared memory (head_dim 256, fp32), keep the first ``keep`` of the
+    rest, and always keep one. ``rows(config)``: (rows held all loop, rows streamed per pipeline stage)."""
+    if len(configs) <= 1:
+        return configs
+    q = named_args.get("Q", kwargs.get("Q"))
+    row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
+
+    def tile_bytes(config):
+        resident, streamed = rows(config)
+        return (resident + (config.num_stages - 1) * streamed) * row_bytes  # rows held all loop + rows in flight
+
+    return [c for c in configs if tile_bytes(c) <= _SMEM_BUDGET][:keep] or configs[-1:]
+
+
 def _pruner(pass_name: str):
     keep = 3 if pass_name == "fwd" else 2  # each config costs seconds of compile time on the first call
 
-    def prune(configs, named_args, **kwargs):
-        """Drop configs whose tiles overflow shared memory (head_dim 256, fp32), keep the first ``keep``
-        of the rest, and always keep one."""
-        if len(configs) <= 1:
-            return configs
-        q = named_args.get("Q", kwargs.get("Q"))
-        row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
+    def rows(config):
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        return {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n)}[pass_name]
 
-        def tile_bytes(config):
-            m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-            resident, streamed = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n)}[pass_name]
-            return (resident + (stages - 1) * streamed) * row_bytes  # rows held all loop + rows in flight
-
-        return [c for c in configs if tile_bytes(c) <= _SMEM_BUDGET][:keep] or configs[-1:]
-
-    return prune
+    return lambda configs, named_args, **kwargs: _keep_fitting(configs, named_args, kwargs, rows, keep)
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "bucket_q", "bucket_k"]

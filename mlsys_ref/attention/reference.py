@@ -24,6 +24,13 @@ import torch
 __all__ = ["visible_keys", "attention_bias", "attention_reference", "attention_varlen_reference"]
 
 
+def _tile_positions(q_len, kv_len, q_start, k_start, q_end, k_end, device):
+    """Key position of each query row ``[q_rows, 1]`` (bottom-right alignment) and key index ``[1, k_cols]``."""
+    query_index = torch.arange(q_start, q_len if q_end is None else q_end, device=device)[:, None]
+    key_index = torch.arange(k_start, kv_len if k_end is None else k_end, device=device)[None, :]
+    return query_index + (kv_len - q_len), key_index
+
+
 def visible_keys(
     q_len: int,
     kv_len: int,
@@ -41,10 +48,8 @@ def visible_keys(
     queries and columns ``k_start:k_end`` of ``kv_len`` keys (ends default to the lengths), so tiled
     implementations (flash_torch) ask for one block's mask.
     """
-    query_index = torch.arange(q_start, q_len if q_end is None else q_end, device=device)[:, None]
-    key_index = torch.arange(k_start, kv_len if k_end is None else k_end, device=device)[None, :]
-    position = query_index + (kv_len - q_len)  # bottom-right alignment
-    visible = torch.ones(query_index.shape[0], key_index.shape[1], dtype=torch.bool, device=device)
+    position, key_index = _tile_positions(q_len, kv_len, q_start, k_start, q_end, k_end, device)
+    visible = torch.ones(position.shape[0], key_index.shape[1], dtype=torch.bool, device=device)
     if causal:
         visible &= key_index <= position
     if window is not None:
@@ -65,9 +70,8 @@ def attention_bias(
 ) -> torch.Tensor:
     """ALiBi bias ``-slope · |p - j|`` of shape ``[..., heads, q_rows, k_cols]`` (slopes ``[heads]`` or ``[batch, heads]``);
     the tile arguments are visible_keys'."""
-    query_index = torch.arange(q_start, q_len if q_end is None else q_end, device=alibi_slopes.device)[:, None]
-    key_index = torch.arange(k_start, kv_len if k_end is None else k_end, device=alibi_slopes.device)[None, :]
-    distance = (query_index + (kv_len - q_len) - key_index).abs().to(alibi_slopes.dtype)
+    position, key_index = _tile_positions(q_len, kv_len, q_start, k_start, q_end, k_end, alibi_slopes.device)
+    distance = (position - key_index).abs().to(alibi_slopes.dtype)
     return -alibi_slopes[..., None, None] * distance
 
 
