@@ -165,11 +165,11 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
 
 def linear_weight_bytes(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), fp_bytes: int = 2) -> int:
     """Bytes of every (quantized or not) linear weight, fp ones counted at ``fp_bytes`` per element."""
-    total = 0
+    total, fp_linears = 0, target_linears(model, skip)
     for name, module in model.named_modules():
         if isinstance(module, (QuantizedLinear, Int8Linear)):
             total += module.weight_bytes()
-        elif isinstance(module, nn.Linear) and name in target_linears(model, skip):
+        elif name in fp_linears:
             total += module.weight.numel() * fp_bytes
     return total
 
