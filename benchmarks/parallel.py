@@ -15,6 +15,9 @@ Written to benchmarks/results/<gpu>/parallel.{csv,md,png}. NCCL_NVLS_ENABLE=0 is
     python benchmarks/parallel.py                 # simulator table, then TP=2 on 2 GPUs (~3 min)
     python benchmarks/parallel.py --cpu-only      # simulator only
     python benchmarks/parallel.py --tp 2,4,8 --model llama-1b
+
+Scaling of the ~1B model over TP = 1, 2, 4 (8) and PP = 2, 4 (GPipe and 1F1B, measured against the
+simulated bubble) is benchmarks/parallel_scaling.py, which imports MODELS and the timers from here.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from mlsys_ref.parallel.schedule_sim import gpipe_bubble, simulate  # noqa: E402
 MODELS = {  # one block of a 7B-class width, and issue 11's ~1B Llama-style model
     "block": dict(vocab=128, hidden=4096, heads=32, kv_heads=8, ffn=14336, layers=1),
     "llama-1b": dict(vocab=32000, hidden=2048, heads=32, kv_heads=8, ffn=8192, layers=16),
-    "tiny": dict(vocab=96, hidden=64, heads=8, kv_heads=4, ffn=96, layers=2),  # smoke test of this script on CPU
+    "tiny": dict(vocab=96, hidden=64, heads=8, kv_heads=4, ffn=96, layers=4),  # smoke tests of the scripts on CPU
 }
 
 
@@ -98,10 +101,33 @@ def _timed(function, warmup: int, iterations: int, cuda: bool = True) -> list[fl
     return [start.elapsed_time(end) for start, end in events]
 
 
+def collectives_ms(counted: dict, group, tp: int, dtype, device) -> float:
+    """Milliseconds of a step's TP collectives ({op: (calls, bytes per call)}) timed alone, same sizes and count.
+
+    The cross-entropy's [tokens] all-reduces and the SP norm-gradient all-reduce are left out (tiny).
+    """
+    from mlsys_ref.parallel.comm import all_gather, all_reduce, reduce_scatter
+
+    total = 0.0
+    for op, (calls, nbytes) in counted.items():
+        if calls == 0 or op.startswith("ce") or op.startswith("sp_grad") or op.startswith("p2p"):
+            continue
+        buffer = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=device)
+        if op == "all_reduce":
+            run = lambda: all_reduce(buffer, group)  # noqa: E731
+        elif op == "all_gather":
+            part = buffer[: buffer.numel() // tp]
+            run = lambda: all_gather(part, 0, group)  # noqa: E731
+        else:
+            run = lambda: reduce_scatter(buffer, 0, group)  # noqa: E731
+        total += calls * statistics.median(_timed(run, warmup=2, iterations=10, cuda=device == "cuda"))
+    return total
+
+
 def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch: int, seq: int, sp: bool) -> list[dict]:
     import torch.distributed as dist
 
-    from mlsys_ref.parallel.comm import STATS, all_gather, all_reduce, reduce_scatter
+    from mlsys_ref.parallel.comm import STATS
     from mlsys_ref.parallel.reference import ModelConfig, ReferenceModel
     from mlsys_ref.parallel.tensor_parallel import ParallelTransformer, TPBlock
 
@@ -131,19 +157,7 @@ def tp_worker(rank: int, world_size: int, model: str, tp_sizes: list[int], batch
         step()  # one step to count the collectives
         counted = {op: (STATS.calls[op], STATS.payload[op] // max(1, STATS.calls[op])) for op in STATS.calls}
         times = _timed(step, warmup=3, iterations=10, cuda=device == "cuda")
-        comm_ms = 0.0
-        for op, (calls, nbytes) in counted.items():  # the same collectives, alone
-            if calls == 0 or op.startswith("ce") or op.startswith("sp_grad"):
-                continue
-            buffer = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=device)
-            if op == "all_reduce":
-                run = lambda: all_reduce(buffer, group)  # noqa: E731
-            elif op == "all_gather":
-                part = buffer[: buffer.numel() // tp]
-                run = lambda: all_gather(part, 0, group)  # noqa: E731
-            else:
-                run = lambda: reduce_scatter(buffer, 0, group)  # noqa: E731
-            comm_ms += calls * statistics.median(_timed(run, warmup=2, iterations=10, cuda=device == "cuda"))
+        comm_ms = collectives_ms(counted, group, tp, dtype, device)
         median = statistics.median(times)
         quantiles = statistics.quantiles(times, n=5)
         rows.append({"model": model, "tp": tp, "sequence_parallel": sp and tp > 1, "tokens": batch * seq,
