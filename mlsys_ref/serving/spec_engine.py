@@ -82,7 +82,8 @@ class SpeculativeEngine(Engine):
         self.verify_graphs = None
         if cuda_graph_batch_sizes:
             width = -(-(self.max_model_len + self.k + 1) // self.block_manager.block_size)
-            self.verify_graphs = VerifyGraphs(self.runner, cuda_graph_batch_sizes, self.k + 1, width, emulate_graphs)
+            with torch.no_grad():
+                self.verify_graphs = VerifyGraphs(self.runner, cuda_graph_batch_sizes, self.k + 1, width, emulate_graphs)
 
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         if isinstance(params, SamplingParams) and (params.top_k or params.top_p < 1.0):
