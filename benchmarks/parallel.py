@@ -120,7 +120,8 @@ def collectives_ms(counted: dict, group, tp: int, dtype, device) -> float:
             run = lambda: all_gather(part, 0, group)  # noqa: E731
         else:
             run = lambda: reduce_scatter(buffer, 0, group)  # noqa: E731
-        total += calls * statistics.median(_timed(run, warmup=2, iterations=10, cuda=device == "cuda"))
+        on_gpu = torch.device(device).type == "cuda"
+        total += calls * statistics.median(_timed(run, warmup=2, iterations=10, cuda=on_gpu))
     return total
 
 

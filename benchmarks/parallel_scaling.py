@@ -74,7 +74,7 @@ def _setup(model: str):
 
     c = ModelConfig(**MODELS[model])
     cuda = dist.get_backend() == "nccl"
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    device, dtype = (f"cuda:{torch.cuda.current_device()}", torch.bfloat16) if cuda else ("cpu", torch.float32)
     return c, cuda, device, dtype, _reference(c, device, dtype)
 
 
