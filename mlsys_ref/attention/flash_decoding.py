@@ -26,9 +26,8 @@ import math
 
 import torch
 
-from mlsys_ref.attention.flash_triton import (
-    _batch_and_head, _check_heads, _check_tensors, _keep_fitting, _load_kv, _online_softmax_step,
-)
+from mlsys_ref.attention.flash_launch import _check_heads, _check_tensors, _keep_fitting
+from mlsys_ref.attention.flash_triton import _batch_and_head, _load_kv, _online_softmax_step
 from mlsys_ref.backend import is_interpreter, require_triton, tl, triton
 
 __all__ = ["flash_decode"]

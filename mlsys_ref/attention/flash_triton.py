@@ -12,7 +12,8 @@ window; ALiBi slopes ``[H]`` or ``[B, H]``; ``Hq`` a multiple of ``Hkv``; a row 
 
 Left out on purpose: dropout, fp8, paged KV (see serving), and Hopper-only machinery (TMA tensor
 descriptors, warp specialization): this is the teaching kernel, tuned only by a small autotune set; the
-TMA forward lives in ``flash_triton_hopper.py``, the backward kernels in ``flash_triton_backward.py``.
+TMA forward lives in ``flash_triton_hopper.py``, the backward kernels in ``flash_triton_backward.py``, and
+the autotune configs and input checks (shared with flash-decoding) in ``flash_launch.py``.
 
 The one idea: S = QKᵀ is never written to memory. Each program holds one query tile and streams
 key/value tiles past it, rescaling its running output by exp(m_old - m_new) whenever the row max grows;
@@ -25,53 +26,10 @@ import math
 
 import torch
 
-from mlsys_ref.backend import check_kernel_device, is_interpreter, require_triton, tl, triton
+from mlsys_ref.attention.flash_launch import _AUTOTUNE_KEY, _check_heads, _check_tensors, _configs, _pruner
+from mlsys_ref.backend import is_interpreter, require_triton, tl, triton
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
-
-
-def _configs(pass_name: str) -> list:
-    """Block sizes: ONE small config under the interpreter (autotuning there would multiply its slow
-    runtime); a small autotune set on the GPU, pruned by head dim so that tiles fit in SRAM."""
-    if is_interpreter():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    table = {  # (BLOCK_M, BLOCK_N, warps, stages), best first; the last one fits any head dim
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 2)],
-        "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 16, 4, 2)],
-    }[pass_name]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
-
-
-_SMEM_BUDGET = 200 * 1024  # bytes of tiles; an H100 SM has 228 KB of shared memory
-
-
-def _keep_fitting(configs, named_args, kwargs, rows, keep: int) -> list:
-    """Drop configs whose tiles overflow shared memory (head_dim 256, fp32), keep the first ``keep`` of the
-    rest, and always keep one. ``rows(config)``: (rows held all loop, rows streamed per pipeline stage)."""
-    if len(configs) <= 1:
-        return configs
-    q = named_args.get("Q", kwargs.get("Q"))
-    row_bytes = kwargs.get("BLOCK_D", 128) * (q.element_size() if hasattr(q, "element_size") else 2)
-
-    def tile_bytes(config):
-        resident, streamed = rows(config)
-        return (resident + (config.num_stages - 1) * streamed) * row_bytes  # rows held all loop + rows in flight
-
-    return [c for c in configs if tile_bytes(c) <= _SMEM_BUDGET][:keep] or configs[-1:]
-
-
-def _pruner(pass_name: str):
-    keep = 3 if pass_name == "fwd" else 2  # each config costs seconds of compile time on the first call
-
-    def rows(config):
-        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        return {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n)}[pass_name]
-
-    return lambda configs, named_args, **kwargs: _keep_fitting(configs, named_args, kwargs, rows, keep)
-
-
-_AUTOTUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "bucket_q", "bucket_k"]
 
 
 @triton.jit
@@ -234,33 +192,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
 # ---------------------------------------------------------------- validating launcher
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_tensors(named: tuple, rank: int, dtypes: tuple) -> None:
-    """Every ``(name, x)`` is a tensor of rank ``rank`` with the first one's dtype (one of ``dtypes``) and
-    device, and that device is one the kernels run on. Shared by every Triton attention entry point."""
-    first, q = named[0]
-    for name, x in named:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != rank:
-            layout = "[batch, heads, seq, head_dim]" if rank == 4 else "[total_tokens, heads, head_dim]"
-            raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")
-        if x.dtype not in dtypes:
-            raise TypeError(f"{name} dtype must be one of {dtypes}, got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but {first} has {q.dtype}: all must match")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but {first} is on {q.device}")
-    check_kernel_device(q, first)
-
-
-def _check_heads(head_dim: int, q_heads: int, kv_heads: int, kv_name: str) -> None:
-    """Head dims the kernels pad to a power of two (16..256), and GQA/MQA head counts."""
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in 16..256 (e.g. 32, 64, 80, 96, 128, 256), got {head_dim}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q's {q_heads} heads must be a multiple of {kv_name}'s {kv_heads} heads (GQA/MQA)")
 
 
 def _check(q, k, v, rank: int, alibi_slopes, window, scale, batch: int | None) -> None:

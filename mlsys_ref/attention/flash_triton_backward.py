@@ -8,7 +8,8 @@ Under GQA the dK/dV program of a KV head loops over every query head of its grou
 gradients are summed in registers (no atomics, no [B, Hq, Sk, D] temporary).
 
 Left out on purpose: dropout, fp8, Hopper machinery (TMA, warp specialization). The forward, the
-shared mask/bias helpers and the public functions live in :mod:`mlsys_ref.attention.flash_triton`.
+shared mask/bias helpers and the public functions live in :mod:`mlsys_ref.attention.flash_triton`, the
+autotune configs in :mod:`mlsys_ref.attention.flash_launch`.
 
 The one idea: P is never stored; it is recomputed from Q, K and the saved log-sum-exp
 (P = exp(S - L)), and dS = P ∘ (dP - D) with D = rowsum(dO ∘ O) = rowsum(P ∘ dP) per row.
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from mlsys_ref.attention.flash_launch import _AUTOTUNE_KEY, _configs, _pruner
 from mlsys_ref.attention.flash_triton import (
-    _AUTOTUNE_KEY, _alibi_slope, _batch_and_head, _bias_and_mask, _configs, _key_range, _load_kv, _Problem, _pruner,
-    _sequence, _strides,
+    _alibi_slope, _batch_and_head, _bias_and_mask, _key_range, _load_kv, _Problem, _sequence, _strides,
 )
 from mlsys_ref.backend import require_triton, tl, triton
 
