@@ -1,0 +1,41 @@
+"""The shared autotune pruner and input checks of the Triton attention launchers (mlsys_ref.attention.flash_launch)."""
+
+import pytest
+import torch
+
+from mlsys_ref.attention.flash_launch import _SMEM_BUDGET, _check_heads, _check_tensors, _keep_fitting
+from mlsys_ref.backend import triton
+
+
+def _config(m, n, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=stages)
+
+
+def test_keep_fitting_drops_tiles_that_overflow_shared_memory():
+    configs = [_config(128, 128, 3), _config(128, 64, 3), _config(64, 64, 2), _config(32, 32, 2)]
+    rows = lambda c: (c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"])  # noqa: E731  (the forward's tiles)
+    q = torch.empty(1, dtype=torch.float32)
+    kept = _keep_fitting(configs, {"Q": q}, {"BLOCK_D": 256}, rows, keep=3)
+    for c in kept:  # (resident + (stages - 1) · streamed) rows of 256 fp32 values
+        assert (c.kwargs["BLOCK_M"] + (c.num_stages - 1) * 2 * c.kwargs["BLOCK_N"]) * 256 * 4 <= _SMEM_BUDGET
+    assert kept == configs[2:]  # 128x128 s3 and 128x64 s3 overflow 200 KB at fp32, head_dim 256
+    assert _keep_fitting(configs, {"Q": q.half()}, {"BLOCK_D": 64}, rows, keep=2) == configs[:2]  # small tiles: first two
+    assert _keep_fitting(configs[:1], {"Q": q}, {"BLOCK_D": 4096}, rows, keep=3) == configs[:1]  # one config: kept as is
+    assert _keep_fitting(configs[:2], {"Q": q}, {"BLOCK_D": 4096}, rows, keep=3) == configs[1:2]  # none fits: the last
+
+
+def test_checks_name_the_bad_argument():
+    x = torch.randn(1, 2, 8, 32)
+    with pytest.raises(TypeError, match="k_cache"):
+        _check_tensors((("q", x), ("k_cache", x.half())), 4, (torch.float32, torch.float16))
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        _check_tensors((("q", x), ("v", [1.0])), 4, (torch.float32,))
+    with pytest.raises(ValueError, match="rank 3"):
+        _check_tensors((("q", x),), 3, (torch.float32,))
+    with pytest.raises(TypeError, match="one of"):
+        _check_tensors((("q", x.double()),), 4, (torch.float32,))
+    with pytest.raises(ValueError, match="head_dim"):
+        _check_heads(8, 4, 2, "k/v")
+    with pytest.raises(ValueError, match="the cache's 3 heads"):
+        _check_heads(32, 4, 3, "the cache")
+    _check_heads(80, 6, 2, "k/v")  # 80 is padded to 128 by the kernels: allowed
