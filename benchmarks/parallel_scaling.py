@@ -16,6 +16,8 @@ loss, no optimizer step. Every section is one spawned NCCL world (``NCCL_NVLS_EN
   per-stage median t_f and t_b; ``bubble_formula`` is (p-1)/(m+p-1). Communication share: the p2p
   messages of the busiest stage x one message timed alone (stage 0 -> 1) / step time.
 
+Sections run fewest GPUs first (tp1, tp2, pp2, tp4, pp4, tp8) within ``--budget-s`` (default 170 s):
+each gets the time left as its deadline, and one that would start with < 30 s left is skipped.
 Each section runs in try/except: a failure prints its reason and the next section runs; results
 are rewritten after every section to benchmarks/results/<gpu>/parallel_scaling.{csv,md,png}
 (benchmarks/parallel.py's TP=2 block results, parallel.*, are left alone).
