@@ -9,7 +9,8 @@ its log-sum-exp; step 2, a combine kernel merges the chunks, O = Σ_s exp(lse_s 
 
 Under GQA/MQA one program serves every query head of its KV head's group (the rows of its Q tile are
 group × q_len), so each KV head is read from memory once per group, not once per query head: decoding
-is bound by the bytes of KV read.
+is bound by the bytes of KV read. The K/V tile loads and the online-softmax update are the FlashAttention
+forward's own jit helpers (:mod:`mlsys_ref.attention.flash_triton`), inlined here at no cost.
 
 Semantics are attention_reference's with ``causal=True`` per sequence ``b`` over its first
 ``cache_seqlens[b]`` cache entries: the ``q_len`` queries are the *last* ``q_len`` tokens (bottom-right).
@@ -56,7 +57,8 @@ def _split_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_d, position,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units: scale · log2(e) folded in
         if MASKED:  # only the split's tail block and the causal diagonal among the new tokens need a mask
             s = tl.where((offs_n[None, :] < split_end) & (offs_n[None, :] <= position[:, None]), s, float("-inf"))
-        # -- the forward's online-softmax update; the m = -inf guard stays on in both loops, as it always was here
+        # -- the forward's online-softmax update (Algorithm 1, lines 9-10); the m = -inf guard is kept on in both
+        # loops, as this kernel had it before sharing the helper (one tl.where per tile)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, True, PRECISION, tl.float32)
     return acc, m_i, l_i
 
