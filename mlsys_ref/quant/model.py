@@ -101,14 +101,17 @@ def _gptq_pass(model, targets, run, bits, group_size, symmetric, act_order, stat
     results: dict[str, GPTQResult] = {}
     originals = {name: linear.weight.data for name, linear in targets.items()}
     last = list(targets)[-1]
+    shared = {}  # q/k/v (and gate/up) get the very same input tensor: one H for all of them
 
     def hook(name):
         def quantize_here(linear, args):
             if name in results:
                 raise RuntimeError(f"layer {name!r} ran twice in one forward; GPTQ needs one input per layer")
-            acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
-            acc.add(args[0])
-            result = gptq_quantize(linear.weight.float(), acc.H, bits, group_size, symmetric, act_order,
+            if shared.get("x") is not args[0]:
+                acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
+                acc.add(args[0])
+                shared.update(x=args[0], H=acc.H)
+            result = gptq_quantize(linear.weight.float(), shared["H"], bits, group_size, symmetric, act_order,
                                    static_groups, blocksize, percdamp)
             results[name] = result
             linear.weight.data = result.dequantize().to(linear.weight.dtype)  # later layers see Ŵ's output
@@ -122,6 +125,7 @@ def _gptq_pass(model, targets, run, bits, group_size, symmetric, act_order, stat
     except _StopForward:
         pass
     finally:
+        shared.clear()
         for handle in handles:
             handle.remove()
         for name, linear in targets.items():
