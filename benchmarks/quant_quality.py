@@ -13,7 +13,7 @@ at int4 g32 does not reproduce Q4_1: its grid is shifted by the fractional part 
 
 Runs on a CPU in a few minutes (fewer tokens than a paper: the point is the ordering, not the
 third digit). Writes benchmarks/results/cpu/quant_quality.{csv,md}; ``tests/quant/test_quant_quality.py``
-runs a smaller version. Usage: ``python benchmarks/quant_quality.py [--eval-seqs 4 --calib-seqs 8 --seq-len 256]``.
+runs a smaller version. Usage: ``python benchmarks/quant_quality.py [--eval-seqs 8 --calib-seqs 16 --seq-len 256]``.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-seqs", type=int, default=4)
-    parser.add_argument("--calib-seqs", type=int, default=8)
+    parser.add_argument("--eval-seqs", type=int, default=8)
+    parser.add_argument("--calib-seqs", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     # one thread by default: GPTQ's per-column updates are small ops that lose more to thread
     # wake-ups than the matmuls gain, badly so on a shared CPU (13x slower with 2 threads there)
