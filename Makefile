@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 TORCH_INDEX_FLAG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: tour test test-fast notebooks bench info clean
+.PHONY: tour test test-fast notebooks bench quality info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,12 @@ notebooks: $(VENV)/.installed-dev
 # GPU benchmarks; each writes its table and plot to benchmarks/results/<gpu>/.
 bench: $(VENV)/.installed-dev
 	@set -e; for script in benchmarks/*.py; do \
-	  case $$script in */common.py|*/_*) continue;; esac; \
+	  case $$script in */common.py|*/_*|*/quant_quality.py) continue;; esac; \
 	  echo "== $$script"; $(BIN)/python $$script; done
+
+# CPU: perplexity of SmolLM2-135M under each quantization method (a few minutes).
+quality: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/quant_quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
