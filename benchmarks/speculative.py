@@ -165,6 +165,9 @@ def bench_drafter(model, args, prompts, name: str, drafter, ks, batch_ks=None):
             for batch in args.batches:
                 if batch > 1 and batch_ks is not None and k not in batch_ks:
                     continue
+                if time.perf_counter() - START > args.budget_s:
+                    print(f"   time budget ({args.budget_s} s) spent: skipping {name} k {k} {kind} batch {batch}")
+                    continue
                 seconds, tokens, outputs = timed(engine, group[:batch], args)
                 reference = args.reference_outputs.get((kind, batch))
                 same = float("nan")
@@ -254,7 +257,7 @@ def main() -> None:
         require_cuda("benchmarks/speculative.py")
         args.device, dtype = torch.device("cuda"), torch.bfloat16
         args.tokens, args.repeats = (96, 1) if args.quick else (128, 2)
-        args.batches, args.max_len, args.budget_s = [1, 8], 1024, 150 if args.quick else 165
+        args.batches, args.max_len, args.budget_s = [1, 8], 1024, 120 if args.quick else 150
         args.layers, args.distill_steps, args.distill_tokens, ks = 6, 300, 128, [1, 2, 4, 8]
         try:
             from mlsys_ref.serving.loader import load_gguf, smollm2_gguf_path
