@@ -18,6 +18,9 @@ One step of ``SpeculativeEngine``:
 5. rollback: ``BlockManager.truncate`` keeps context + the n accepted drafts (their K/V is right); the
    blocks past them go back to the free list. t has no K/V yet: it is the next step's first query row.
 
+The one idea to notice: a draft is just more tokens with KV slots. The paged cache, the varlen kernel and
+the scheduler need nothing new: a verify is a chunk of d+1 tokens, and a rejection is ``truncate``.
+
 Drafters: ``NGramDrafter`` is shared by every sequence (it has no state). A ``ModelDrafter`` is a template:
 each sequence gets its own ``ModelDrafter`` over the same weights with its own *contiguous* cache
 (``drafters.py``), which rolls itself back by comparing its cached tokens with the context -- so
@@ -67,7 +70,10 @@ class SpeculativeConfig:
 
 
 class SpeculativeEngine(Engine):
-    """``SpeculativeEngine(model, SpeculativeConfig(drafter, k), **Engine kwargs)``; ``stats`` counts every verify."""
+    """``SpeculativeEngine(model, SpeculativeConfig(drafter, k), **Engine kwargs)``; ``stats`` counts every verify.
+
+    ``cuda_graph_batch_sizes`` (CUDA) captures the verify step per batch size (``VerifyGraphs``);
+    ``emulate_graphs=True`` runs the same fixed-shape buffers eagerly (CPU tests). ``verbose`` prints each verify."""
 
     def __init__(self, model, speculative: SpeculativeConfig, cuda_graph_batch_sizes=None, emulate_graphs: bool = False,
                  **engine_kwargs):
