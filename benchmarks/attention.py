@@ -69,7 +69,7 @@ def datasheet() -> dict[str, float]:
 
 def empty_cache() -> None:
     if DEVICE == "cuda":
-        empty_cache()
+        torch.cuda.empty_cache()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

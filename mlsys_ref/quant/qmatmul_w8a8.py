@@ -85,7 +85,7 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
         else:
             a = tl.load(a_ptrs, mask=m_mask[:, None] & (k0 + offs_k[None, :] < K), other=0)
             b = tl.load(b_ptrs, mask=n_mask[None, :] & (k0 + offs_k[:, None] < K), other=0)
-        acc = tl.dot(a, b, acc)  # int8 × int8 -> int32, exact
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 × int8 -> int32, exact (triton 3.6 needs out_dtype said)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     # -- epilogue: Y = Δx[m] · Δw[n] · acc (+ bias)

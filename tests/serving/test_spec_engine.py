@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlsys_ref.backend import default_device
 from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter
 from mlsys_ref.serving.generate import generate
 from mlsys_ref.serving.model import Llama, LlamaConfig
@@ -22,8 +23,9 @@ MAX_EXAMPLES = min(settings().max_examples, 4)  # each example runs a whole engi
 def models():
     # fp64 with the PyTorch reference attention: no argmax near-tie can flip between the packed
     # batched forward and generate()'s one-sequence forward (the Triton path is checked in fp32 below)
-    target = Llama.random(LlamaConfig.tiny(), seed=0, std=0.3).double()
-    small = Llama.random(LlamaConfig.tiny(num_layers=1), seed=1, std=0.3).double()
+    # on the kernels' device: the engine writes its paged cache with the Triton write_kv kernel
+    target = Llama.random(LlamaConfig.tiny(), seed=0, std=0.3).double().to(default_device())
+    small = Llama.random(LlamaConfig.tiny(num_layers=1), seed=1, std=0.3).double().to(default_device())
     return target, small
 
 
@@ -107,7 +109,7 @@ def test_preemption_and_few_blocks(models, kind, k):
 def test_emulated_verify_graphs_and_triton_path():
     """Fixed-shape verify steps (padded to k rows, the CUDA-graph buffers run eagerly) through the Triton
     varlen paged attention (interpreter), fp32: same tokens as generate()."""
-    target = Llama.random(LlamaConfig.tiny(), seed=0, std=0.3)
+    target = Llama.random(LlamaConfig.tiny(), seed=0, std=0.3).to(default_device())
     prompts = [[5, 17, 42, 3, 88, 5, 17], [9, 9, 8, 9, 9, 8, 9], [60, 61, 62]]
     params = SamplingParams(max_tokens=7, ignore_eos=True)
     engine = SpeculativeEngine(target, SpeculativeConfig(ModelDrafter(target, 1), k=3), num_blocks=16, block_size=8,
