@@ -27,10 +27,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 import traceback
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
 
 from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter, distill_exit_head
 from mlsys_ref.serving.engine import Engine
