@@ -103,4 +103,7 @@ def _check_large(M, N, K):
     # division at times), so a code may differ by one where x/Δx sits within ~1e-5 of a rounding tie
     differ = (xq.int() - q_ref.int()).abs()
     assert differ.max() <= 1 and differ.sum() <= 1e-4 * differ.numel()
-    assert_close(w8a8_linear(x, wq, w_scale), w8a8_linear_reference(x, wq, w_scale), torch.bfloat16)
+    # the GEMM and its epilogue, on the kernel's own codes (a one-code tie difference above, times
+    # K = 11008 weights, can move an output by more than bf16's tolerance without any GEMM error)
+    expected = qmatmul_w8a8.w8a8_matmul_reference(xq, xs, wq, w_scale)
+    assert_close(w8a8_linear(x, wq, w_scale), expected.to(torch.bfloat16), torch.bfloat16)
