@@ -66,11 +66,14 @@ def run_tour(only: str | None = None, device: str | None = None, stream=sys.stdo
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
     if target.type == "cuda" and backend.is_interpreter():
-        raise ValueError("device 'cuda' was asked for, but TRITON_INTERPRET is set: unset it to run on the GPU")
+        raise ValueError(
+            "device 'cuda' was asked for, but kernels run under the Triton interpreter (your setting, read by "
+            "mlsys_ref.backend at import): leave the interpreter off to run on the GPU"
+        )
     if target.type == "cpu" and torch.cuda.is_available() and not backend.is_interpreter():
         raise ValueError(
             "device 'cpu' needs the Triton interpreter, chosen at import time: "
-            "run with TRITON_INTERPRET=1 on a machine with a GPU"
+            "switch the interpreter on as mlsys_ref/backend.py describes to run on the CPU of a machine with a GPU"
         )
     checks = collect(only)
     label = backend.backend_name()

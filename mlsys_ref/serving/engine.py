@@ -161,17 +161,22 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self._aborted_unreported)
 
     # -- the loop
-    @torch.no_grad()
-    def step(self) -> list[StepOutput]:
-        """One iteration: schedule, forward, sample. Returns the tokens produced, per request."""
+    def _schedule_step(self) -> tuple[list[StepOutput], object, StepRecord]:
+        """Report aborts, schedule, log the step: the start of every step (speculative steps too)."""
         outputs = [StepOutput(rid, [], True) for rid in self._aborted_unreported]
         self._aborted_unreported = []
         batch = self.scheduler.schedule()
         record = StepRecord(len(self.step_log), preempted=list(batch.preempted), num_tokens=batch.num_tokens)
         self.step_log.append(record)
+        if not batch.chunks and self.scheduler.has_unfinished() and not batch.preempted:
+            raise RuntimeError("the scheduler made no progress with requests waiting (a bug: add_request should have rejected them)")
+        return outputs, batch, record
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """One iteration: schedule, forward, sample. Returns the tokens produced, per request."""
+        outputs, batch, record = self._schedule_step()
         if not batch.chunks:
-            if self.scheduler.has_unfinished() and not batch.preempted:
-                raise RuntimeError("the scheduler made no progress with requests waiting (a bug: add_request should have rejected them)")
             return outputs
         record.chunks = [(c.seq.seq_id, c.start, c.end, "decode" if c.is_decode else "prefill") for c in batch.chunks]
         self.runner.copy_blocks(self.block_manager.copy_on_write_pending())

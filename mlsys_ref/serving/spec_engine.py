@@ -46,7 +46,7 @@ from types import SimpleNamespace
 import torch
 
 from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter
-from mlsys_ref.serving.engine import Engine, StepOutput, StepRecord
+from mlsys_ref.serving.engine import Engine, StepOutput
 from mlsys_ref.serving.model_runner import StepInputs, forward_unchecked
 from mlsys_ref.serving.sampling import SamplingParams, sample
 from mlsys_ref.serving.scheduler import Chunk, Status
@@ -119,14 +119,8 @@ class SpeculativeEngine(Engine):
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
         """Schedule, draft, ONE forward, verify per sequence, roll back. Returns the tokens produced per request."""
-        outputs = [StepOutput(rid, [], True) for rid in self._aborted_unreported]
-        self._aborted_unreported = []
-        batch = self.scheduler.schedule()
-        record = StepRecord(len(self.step_log), preempted=list(batch.preempted), num_tokens=batch.num_tokens)
-        self.step_log.append(record)
+        outputs, batch, record = self._schedule_step()
         if not batch.chunks:
-            if self.scheduler.has_unfinished() and not batch.preempted:
-                raise RuntimeError("the scheduler made no progress with requests waiting")
             return outputs
         bm = self.block_manager
         # -- 2. drafts, each with a reserved slot (fewer drafts if the cache runs out)
