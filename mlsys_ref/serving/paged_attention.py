@@ -47,13 +47,21 @@ def _configs(kind: str) -> list:
 
 
 @triton.jit
-def _load_paged(cache_ptr, table_row_ptr, tokens, in_range, kv_head, offs_d,
-                stride_block, stride_slot, stride_head, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # token n -> physical block table[n // BLOCK_SIZE], row n % BLOCK_SIZE: a gather of [BLOCK_N, BLOCK_D]
+def _load_paged_kv(k_cache_ptr, v_cache_ptr, table_row_ptr, tokens, in_range, kv_head, offs_d,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """K_j, V_j [BLOCK_N, BLOCK_D] of logical tokens ``tokens``, gathered through one block-table lookup."""
+    # token n -> physical block table[n // BLOCK_SIZE], row n % BLOCK_SIZE (read once, used for K and V)
     physical = tl.load(table_row_ptr + tokens // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-    rows = physical * stride_block + (tokens % BLOCK_SIZE) * stride_slot + kv_head * stride_head
+    slot = tokens % BLOCK_SIZE
     mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)  # HEAD_DIM == BLOCK_D folds away: 16-byte loads
-    return tl.load(cache_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    k_rows = physical * stride_kb + slot * stride_ks + kv_head * stride_kh
+    v_rows = physical * stride_vb + slot * stride_vs + kv_head * stride_vh
+    k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + v_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    return k, v
 
 
 @triton.autotune(configs=_configs("decode"), key=["BLOCK_SIZE", "BLOCK_G", "BLOCK_D"])
@@ -88,12 +96,9 @@ def _paged_decode_split_kernel(
     for tile in range(start, end, BLOCK_N):
         tokens = tile + tl.arange(0, BLOCK_N)
         in_range = tokens < end
-        k = _load_paged(k_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
-                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE, HEAD_DIM)  # K_j [BLOCK_N, BLOCK_D]
-        v = _load_paged(v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
-                        stride_vb, stride_vs, stride_vh, BLOCK_SIZE, HEAD_DIM)  # V_j
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = _load_paged_kv(k_cache_ptr, v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
+                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              BLOCK_SIZE, HEAD_DIM, UPCAST)  # K_j, V_j [BLOCK_N, BLOCK_D]
         # -- S = q Kᵀ · scale · log2(e) (exp2 is the native instruction)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(in_range[None, :], s, float("-inf"))
@@ -171,12 +176,9 @@ def _paged_prefill_kernel(
     for start_n in range(0, end, BLOCK_N):
         tokens = start_n + tl.arange(0, BLOCK_N)
         in_range = tokens < end
-        k = _load_paged(k_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
-                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE, HEAD_DIM)  # K_j [BLOCK_N, BLOCK_D]
-        v = _load_paged(v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
-                        stride_vb, stride_vs, stride_vh, BLOCK_SIZE, HEAD_DIM)  # V_j
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = _load_paged_kv(k_cache_ptr, v_cache_ptr, table_row, tokens, in_range, kv_head, offs_d,
+                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              BLOCK_SIZE, HEAD_DIM, UPCAST)  # K_j, V_j [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # S_ij [BLOCK_M, BLOCK_N], log2 units
         visible = in_range[None, :] & (tokens[None, :] <= positions[:, None])
         s = tl.where(visible, s, float("-inf"))
