@@ -15,6 +15,8 @@ from mlsys_ref.serving.generate import generate
 from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.sampling import SamplingParams
 
+from engine_helpers import assert_no_leak, run_with_arrivals
+
 # the Triton interpreter is slow: a handful of examples whatever the profile
 MAX_EXAMPLES = min(settings().max_examples, 6)
 
@@ -27,27 +29,6 @@ def model():
 def reference(model, prompt, params):
     stops = list(params.stop_token_ids) + ([] if params.ignore_eos else [model.config.eos_token_id])
     return generate(model, prompt, params.max_tokens, stop_token_ids=stops)
-
-
-def assert_no_leak(engine):
-    bm = engine.block_manager
-    bm.check_invariants()
-    assert not bm.seqs and bm.stats()["used_blocks"] == 0, bm.describe()
-    assert all(b.ref_count == 0 for b in bm.blocks)
-
-
-def run_with_arrivals(engine, prompts, params, arrivals):
-    """Add request i at step arrivals[i]; step until all finish. Returns {request index: streamed tokens}."""
-    streamed, ids, step = {}, {}, 0
-    while len(ids) < len(prompts) or engine.has_unfinished():
-        for i, arrival in enumerate(arrivals):
-            if arrival == step:
-                ids[engine.add_request(prompts[i], params[i])] = i
-        for out in engine.step():
-            streamed.setdefault(ids[out.request_id], []).extend(out.token_ids)
-        step += 1
-        assert step < 2000
-    return streamed, ids
 
 
 @settings(max_examples=MAX_EXAMPLES)

@@ -16,6 +16,9 @@ from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.sampling import SamplingParams
 from mlsys_ref.serving.spec_engine import SpeculativeConfig, SpeculativeEngine
 
+from engine_helpers import assert_no_leak as assert_blocks_released
+from engine_helpers import run_with_arrivals
+
 MAX_EXAMPLES = min(settings().max_examples, 4)  # each example runs a whole engine on the CPU
 
 
@@ -38,23 +41,9 @@ def make_drafter(kind, target, small):
 
 
 def assert_no_leak(engine):
-    bm = engine.block_manager
-    bm.check_invariants()
-    assert not bm.seqs and bm.stats()["used_blocks"] == 0, bm.describe()
-    assert all(b.ref_count == 0 for b in bm.blocks) and not engine.drafters
-
-
-def run_with_arrivals(engine, prompts, params, arrivals):
-    streamed, ids, step = {}, {}, 0
-    while len(ids) < len(prompts) or engine.has_unfinished():
-        for i, arrival in enumerate(arrivals):
-            if arrival == step:
-                ids[engine.add_request(prompts[i], params[i])] = i
-        for out in engine.step():
-            streamed.setdefault(ids[out.request_id], []).extend(out.token_ids)
-        step += 1
-        assert step < 2000
-    return streamed, ids
+    """No leaked blocks (engine_helpers) and no drafter state left behind."""
+    assert_blocks_released(engine)
+    assert not engine.drafters
 
 
 def workload(rng, n):
