@@ -21,7 +21,7 @@ import torch
 
 from mlsys_ref.attention.flash_launch import _AUTOTUNE_KEY, _configs, _pruner
 from mlsys_ref.attention.flash_triton import (
-    _alibi_slope, _batch_and_head, _bias_and_mask, _key_range, _load_kv, _Problem, _sequence, _strides,
+    _alibi_slope, _batch_and_head, _bias_and_mask, _key_range, _Problem, _sequence, _strides,
 )
 from mlsys_ref.backend import require_triton, tl, triton
 
@@ -57,27 +57,62 @@ def _preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_lb,
 
 
 @triton.jit
+def _load_t(X, offs_rows, offs_d, stride_s, rows, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Xᵀ [BLOCK_D, len(offs_rows)] straight from memory (pointer arithmetic, no register transpose): the dots
+    then take it as an operand as is, and ``tl.trans`` of it is only a shared-memory descriptor view."""
+    mask = (offs_d[:, None] < HEAD_DIM) & (offs_rows[None, :] < rows)  # rows past the end load 0
+    x_t = tl.load(X + offs_rows[None, :] * stride_s + offs_d[:, None], mask=mask, other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
+        x_t = x_t.to(tl.float32)
+    return x_t
+
+
+@triton.jit
+def _bias_and_mask_t(s_t, offs_n, offs_m, seqlen_q, seqlen_k, slope, window,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr):
+    """``_bias_and_mask`` for transposed scores S_ijᵀ [BLOCK_N, BLOCK_M] (keys down, queries across)."""
+    position = offs_m[None, :] + (seqlen_k - seqlen_q)  # [1, BLOCK_M]: key position of each query row
+    if HAS_ALIBI:
+        s_t -= slope * tl.abs(position - offs_n[:, None]).to(s_t.dtype)
+    if MASKED:
+        visible = (offs_n[:, None] < seqlen_k) & (offs_m[None, :] < seqlen_q)
+        if CAUSAL:
+            visible &= offs_n[:, None] <= position
+        if HAS_WINDOW:
+            visible &= offs_n[:, None] > position - window
+            if not CAUSAL:
+                visible &= offs_n[:, None] < position + window
+        s_t = tl.where(visible, s_t, float("-inf"))
+    return s_t
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_os, offs_n, offs_d, lo, hi,
                 seqlen_q, seqlen_k, qk_scale, slope, window,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, ACC: tl.constexpr):
+    # Transposed space (keys down, queries across): S_ijᵀ = K_j Q_iᵀ comes out of the dot in exactly the layout
+    # that dV += P_ijᵀ dO_i and dK += dS_ijᵀ Q_i take as their register operand, so no register tile is ever
+    # transposed (a register transpose is a round trip through shared memory; with the pipelined, asynchronous
+    # Hopper dots of triton 3.6 that round trip raced at large grids: dK came out wrong, see issue #4).
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q  # rows past the end load q = dO = 0, so they add nothing to dK, dV
-        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask, other=0.0)  # Q_i [BLOCK_M, BLOCK_D]
-        do = tl.load(DO + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)  # dO_i
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
-            q, do = q.to(tl.float32), do.to(tl.float32)
+        q_t = _load_t(Q, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)  # Q_iᵀ [BLOCK_D, BLOCK_M]
+        do = tl.load(DO + offs_m[:, None] * stride_os + offs_d[None, :],
+                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # dO_i [BLOCK_M, BLOCK_D]
+        if UPCAST:
+            do = do.to(tl.float32)
         lse, delta = _row_stats(LSE, DELTA, offs_m, row_ok)  # L_i (log2 units), D_i
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
-        p = tl.exp2(s - lse[:, None])  # P_ij recomputed from the saved lse (line 11)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)  # dV_j += P_ijᵀ dO_i
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)  # dP_ij = dO_i V_jᵀ
-        ds = p * (dp - delta[:, None])  # dS_ij = P_ij ∘ (dP_ij - D_i)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)  # dK_j += dS_ijᵀ Q_i
+        s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC) * qk_scale  # S_ijᵀ [BLOCK_N, BLOCK_M]
+        s_t = _bias_and_mask_t(s_t, offs_n, offs_m, seqlen_q, seqlen_k, slope, window,
+                               CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
+        p_t = tl.exp2(s_t - lse[None, :])  # P_ijᵀ recomputed from the saved lse (line 11)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)  # dV_j += P_ijᵀ dO_i
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)  # dP_ijᵀ = V_j dO_iᵀ
+        ds_t = p_t * (dp_t - delta[None, :])  # dS_ijᵀ = P_ijᵀ ∘ (dP_ijᵀ - D_i)
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION, out_dtype=ACC)  # dK_j += dS_ijᵀ Q_i
     return dk, dv
 
 
@@ -150,13 +185,14 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d,
               PRECISION: tl.constexpr, ACC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_vs, seqlen_k, HEAD_DIM, UPCAST)  # K_j, V_j
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        k_t = _load_t(K, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, UPCAST)  # K_jᵀ [BLOCK_D, BLOCK_N], loaded transposed
+        v_t = _load_t(V, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, UPCAST)  # V_jᵀ
+        s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC) * qk_scale  # S_ij [BLOCK_M, BLOCK_N]
         s = _bias_and_mask(s, offs_m, offs_n, seqlen_q, seqlen_k, slope, window, CAUSAL, HAS_WINDOW, HAS_ALIBI, MASKED)
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+        dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)  # dP_ij = dO_i V_jᵀ
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)  # dQ_i += dS_ij K_j
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION, out_dtype=ACC)  # dQ_i += dS_ij K_j
     return dq
 
 
