@@ -63,11 +63,18 @@ def add_row(system: str, batch: str, requests: int, tokens: int, seconds: float,
     print(f"   {system:32s} batch {batch:>8s}: {row['tokens_per_s']:10.1f} tokens/s  ({tokens} tokens, {seconds:.2f} s) {row['notes']}")
 
 
-def make_workload(n: int, vocab: int, max_prompt: int, max_output: int, seed: int = 0):
-    """Log-normal prompt and output lengths (median ~max/4 and ~max/3), random token ids."""
+def make_workload(n: int, vocab: int, prompt_median: int, output_median: int, cap: int, sigma: float = 1.0,
+                  seed: int = 0):
+    """ShareGPT-like lengths (the vLLM paper's Fig. 11: long-tailed, mean prompt ~160, mean output ~340 tokens):
+    prompt and output lengths log-normal with the given medians and ``sigma`` (log space), clipped to [4, cap];
+    random token ids. Seeded: every system sees the same requests in the same arrival order."""
     rng = random.Random(seed)
-    lengths = [min(max_prompt, max(4, int(rng.lognormvariate(math.log(max_prompt / 4), 0.8)))) for _ in range(n)]
-    outputs = [min(max_output, max(4, int(rng.lognormvariate(math.log(max_output / 3), 0.8)))) for _ in range(n)]
+
+    def draw(median):
+        return min(cap, max(4, int(rng.lognormvariate(math.log(median), sigma))))
+
+    lengths = [draw(prompt_median) for _ in range(n)]
+    outputs = [draw(output_median) for _ in range(n)]
     prompts = [[rng.randrange(10, vocab) for _ in range(length)] for length in lengths]
     return prompts, outputs
 
@@ -103,6 +110,80 @@ def run_engine(engine: Engine, prompts, outputs, device, sample_every: int = 8):
     return seconds, [engine.output(i) for i in ids], 100.0 * wasted / max(allocated, 1)
 
 
+class StepProfile:
+    """Per-step time split, by kind of step (pure decode / with prefill): host time in the scheduler, the
+    forward's launch (``execute`` returns before the GPU is done), sampling (waits for the GPU: its one sync),
+    the scheduler's postprocess, and the forward's GPU time (CUDA events). Wraps the engine's parts in place."""
+
+    PARTS = ("step", "schedule", "execute", "sample", "postprocess", "gpu")
+
+    def __init__(self, engine: Engine):
+        import mlsys_ref.serving.engine as engine_module
+
+        self.engine, self.module, self.kind = engine, engine_module, "decode"
+        self.current = dict.fromkeys(self.PARTS, 0.0)
+        self.totals: dict[str, dict[str, float]] = {}
+        self.events: list[tuple[str, object, object]] = []
+        self.cuda = engine.device.type == "cuda"
+        sched, runner = engine.scheduler, engine.runner
+        self._saved = (sched.schedule, sched.postprocess, runner.execute, engine_module.sample, engine.step)
+        schedule, postprocess, execute, sample, step = self._saved
+
+        def timed(name, function):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                result = function(*args, **kwargs)
+                self._add(name, time.perf_counter() - start)
+                return result
+            return wrapper
+
+        def timed_execute(chunks, block_manager):
+            self.kind = "decode" if all(c.end - c.start == 1 for c in chunks) else "prefill/mixed"
+            if self.cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+            start = time.perf_counter()
+            result = execute(chunks, block_manager)
+            self._add("execute", time.perf_counter() - start)
+            if self.cuda:
+                end.record()
+                self.events.append((self.kind, begin, end))
+            return result
+
+        def timed_step():
+            self.kind, self.current = "no forward", dict.fromkeys(self.PARTS, 0.0)
+            start = time.perf_counter()
+            result = step()
+            self.current["step"] = time.perf_counter() - start
+            bucket = self.totals.setdefault(self.kind, dict.fromkeys(self.PARTS + ("steps",), 0.0))
+            for name, seconds in self.current.items():
+                bucket[name] += seconds
+            bucket["steps"] += 1
+            return result
+
+        sched.schedule, sched.postprocess = timed("schedule", schedule), timed("postprocess", postprocess)
+        runner.execute, engine_module.sample, engine.step = timed_execute, timed("sample", sample), timed_step
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.current[name] += seconds
+
+    def close(self) -> str:
+        """Restore the engine and return a table: ms per step of each part, by kind of step."""
+        sched, runner = self.engine.scheduler, self.engine.runner
+        sched.schedule, sched.postprocess, runner.execute, self.module.sample, self.engine.step = self._saved
+        del self.engine.step  # the instance attribute; the class method is back
+        if self.cuda:
+            torch.cuda.synchronize()
+            for kind, begin, end in self.events:  # the forward's GPU time (graph replay or eager kernels)
+                self.totals[kind]["gpu"] += begin.elapsed_time(end) / 1e3
+        lines = [f"      {'kind':14s} {'steps':>6s} " + " ".join(f"{p + ' ms':>14s}" for p in self.PARTS)]
+        for kind, bucket in self.totals.items():
+            steps = max(bucket["steps"], 1)
+            lines.append(f"      {kind:14s} {int(bucket['steps']):6d} "
+                         + " ".join(f"{1e3 * bucket[p] / steps:14.3f}" for p in self.PARTS))
+        return "\n".join(lines)
+
+
 def latency(results) -> dict:
     ttft = [1e3 * (o.first_token_time - o.arrival_time) for o in results]
     tpot = [1e3 * (o.finish_time - o.first_token_time) / (len(o.output_ids) - 1) for o in results if len(o.output_ids) > 1]
@@ -111,26 +192,36 @@ def latency(results) -> dict:
 
 def bench_engine(model, args, prompts, outputs):
     max_len = max(len(p) + m for p, m in zip(prompts, outputs))
-    engine = make_engine(model, args, args.max_seqs, max_len, graphs=True, max_num_batched_tokens=args.token_budget)
+    engine = make_engine(model, args, args.max_seqs, max_len, graphs=True, max_num_batched_tokens=args.token_budget,
+                         compile_decode=args.compile)
     run_engine(engine, prompts[:8], outputs[:8], args.device)  # warm-up: Triton compiles and autotunes
+    profile = StepProfile(engine) if args.profile else None
+    first_step = len(engine.step_log)
     seconds, results, waste = run_engine(engine, prompts, outputs, args.device)
+    if profile is not None:
+        print("   per-step time split (engine):\n" + profile.close())
     contiguous_waste = 100.0 * (1 - sum(len(p) + m for p, m in zip(prompts, outputs)) / (len(prompts) * max_len))
     add_row("engine (continuous, paged)", f"<={args.max_seqs}", len(prompts), sum(outputs), seconds,
             kv_waste_pct=waste, **latency(results),
-            notes=f"{len(engine.step_log)} steps; contiguous pre-allocation to {max_len} would waste {contiguous_waste:.0f}%")
+            notes=f"{len(engine.step_log) - first_step} steps; contiguous pre-allocation to {max_len} would waste {contiguous_waste:.0f}%")
 
 
 def bench_static(model, args, prompts, outputs):
     max_len = max(len(p) for p in prompts) + max(outputs)
-    for b in args.static_batches:  # a small batch, and the engine's own max_num_seqs (the same KV memory)
+    for b in args.static_batches:  # the engine's own max_num_seqs: the same batch size and KV memory
         engine = make_engine(model, args, b, max_len, graphs=True, enable_prefix_caching=False,
-                             max_num_batched_tokens=min(b * max(len(p) for p in prompts), 16384))
+                             max_num_batched_tokens=min(b * max(len(p) for p in prompts), 16384),
+                             compile_decode=args.compile)
         static_batching(engine, prompts[:4], outputs[:4], b)  # warm-up
         sync(args.device)
+        profile = StepProfile(engine) if args.profile else None
         start = time.perf_counter()
         counts = static_batching(engine, prompts, outputs, b)
         sync(args.device)
-        add_row("static batching (padded)", str(b), len(prompts), counts["useful_tokens"], time.perf_counter() - start,
+        seconds = time.perf_counter() - start
+        if profile is not None:
+            print("   per-step time split (static batching):\n" + profile.close())
+        add_row("static batching (padded)", str(b), len(prompts), counts["useful_tokens"], seconds,
                 notes=f"{counts['steps']} steps, {counts['computed_tokens']} tokens computed")
         del engine
 
@@ -151,10 +242,11 @@ def bench_batch1_decode(model, args):
             continue
         engine = make_engine(model, args, 1, 32 + n, graphs=graphs, max_num_batched_tokens=64, compile_decode=compile)
         run_engine(engine, [prompt], [8], args.device)
-        _, results, _ = run_engine(engine, [prompt], [n], args.device)
+        seconds, results, _ = run_engine(engine, [prompt], [n], args.device)
         tpot = latency(results)["tpot_ms_p50"]
         label = "eager" if engine.runner.graphs is None else "CUDA graphs + torch.compile" if compile else "CUDA graphs"
-        add_row(f"engine batch-1 decode ({label})", "1", 1, n - 1, (n - 1) * tpot / 1e3, tpot_ms_p50=tpot)
+        add_row(f"engine batch-1 ({label})", "1", 1, n, seconds, tpot_ms_p50=tpot,
+                notes=f"32-token prompt, {n} new tokens, end to end; decode only {1e3 / tpot:.0f} tokens/s")
         del engine
 
 
@@ -202,38 +294,72 @@ def hf_generate(hf, batch_prompts, max_new, device, **kwargs):
 
 
 def bench_transformers(model, args, prompts, outputs):
+    import transformers
+
     from mlsys_ref.serving.generate import generate
 
+    print(f"   transformers {transformers.__version__}, torch {torch.__version__}")
     hf = load_transformers(model, args)
     hf.generation_config.eos_token_id = None  # ignore_eos, like every other system here
-    k, b = args.hf_requests, args.hf_batch
-    ours = generate(model, prompts[0][:32], 16, stop_token_ids=[])
-    theirs = hf_generate(hf, [prompts[0][:32]], 16, args.device)[0, -16:].tolist()
+    prompt, n = [list(range(10, 42))], args.decode_tokens
+    ours = generate(model, prompt[0], 16, stop_token_ids=[])
+    theirs = hf_generate(hf, prompt, 16, args.device)[0, -16:].tolist()
     agree = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), 16)
     print(f"   same model? greedy on one prompt: the first {agree}/16 tokens of transformers and ours agree")
+    k, b, new = args.hf_requests, args.hf_batch, args.hf_new_tokens
+    hf_generate(hf, prompts[:b], 4, args.device)  # warm-up
     sync(args.device)
     start = time.perf_counter()
     for i in range(0, k, b):
-        hf_generate(hf, prompts[i:i + b], max(outputs[i:i + b]), args.device)
+        hf_generate(hf, prompts[i:i + b], new, args.device)
     sync(args.device)
-    add_row("transformers generate (padded)", str(b), k, sum(outputs[:k]), time.perf_counter() - start,
-            notes=f"first {k} requests")
-    prompt, n = [list(range(10, 42))], args.decode_tokens
-    for compiled in (False, True):
-        if compiled:
-            if args.skip_hf_compile:
-                print("   transformers compiled static cache: skipped (--skip-hf-compile)")
-                return
-            hf.generation_config.cache_implementation = "static"
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-        for _ in range(2 if compiled else 1):  # warm-up with the measured shapes (a static cache of another
-            hf_generate(hf, prompt, n, args.device)  # length would recompile)
+    add_row("transformers generate (eager, padded)", str(b), k, k * new, time.perf_counter() - start,
+            notes=f"the workload's first {k} prompts, {new} new tokens each")
+
+    def time_batch1(label, **kwargs):
+        for _ in range(2):  # warm-up (compiles) with the measured shapes: another cache length would recompile
+            hf_generate(hf, prompt, n, args.device, **kwargs)
         sync(args.device)
         start = time.perf_counter()
-        hf_generate(hf, prompt, n, args.device)
+        hf_generate(hf, prompt, n, args.device, **kwargs)
         sync(args.device)
-        label = "static cache + torch.compile" if compiled else "eager"
-        add_row(f"transformers batch-1 ({label})", "1", 1, n, time.perf_counter() - start)
+        add_row(f"transformers batch-1 ({label})", "1", 1, n, time.perf_counter() - start,
+                notes=f"32-token prompt, {n} new tokens, end to end")
+
+    time_batch1("eager")
+    if args.skip_hf_compile:
+        print("   transformers compiled static cache: skipped (--skip-hf-compile)")
+        return
+    # The documented way (transformers >= 4.48): a static cache makes generate() torch.compile the forward itself
+    # (generation_config.compile_config, mode "reduce-overhead" = CUDA graphs). Compiling hf.forward by hand on top
+    # of that compiles twice and trips cudagraph trees' "overwritten output" check, hence the fallback order.
+    attempts = [("static cache, generate compiles", dict(cache_implementation="static"))]
+    if hasattr(transformers, "CompileConfig"):
+        attempts.append(("static cache, CompileConfig(fullgraph)", dict(
+            cache_implementation="static", compile_config=transformers.CompileConfig(fullgraph=True, mode="reduce-overhead"))))
+    for label, kwargs in attempts:
+        if time.perf_counter() > args.deadline - 45:
+            print(f"   transformers batch-1 ({label}): skipped, too little time left")
+            return
+        try:
+            time_batch1(label, **kwargs)
+            return  # one compiled measurement is enough
+        except Exception as error:
+            print(f"   transformers batch-1 ({label}) FAILED: {type(error).__name__}: {str(error)[:400]}")
+            traceback.print_exc(limit=3)
+        torch._dynamo.reset()
+    if time.perf_counter() > args.deadline - 45:
+        return
+    eager_forward = hf.forward
+    try:  # the older recipe: compile the forward by hand, generate's own compilation off
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        extra = {"disable_compile": True} if "disable_compile" in transformers.GenerationConfig().to_dict() else {}
+        time_batch1("static cache, forward compiled by hand", cache_implementation="static", **extra)
+    except Exception as error:
+        print(f"   transformers batch-1 (forward compiled by hand) FAILED: {type(error).__name__}: {str(error)[:400]}")
+        traceback.print_exc(limit=3)
+    finally:
+        hf.forward = eager_forward
 
 
 def plot_rows(path) -> None:
@@ -263,17 +389,28 @@ def report(args, model_note: str, final: bool) -> None:
     if "engine (continuous, paged)" in by and static:
         ratios.append(f"engine / best static batching = {by['engine (continuous, paged)'] / max(static):.2f}x (target >= 3x)")
     graphs = max((r["tokens_per_s"] for r in ROWS if r["system"].startswith("engine batch-1")), default=None)
-    compiled = by.get("transformers batch-1 (static cache + torch.compile)")
+    compiled = max((r["tokens_per_s"] for r in ROWS if r["system"].startswith("transformers batch-1 (static")), default=None)
     if graphs and compiled:
-        ratios.append(f"batch-1 decode / transformers compiled = {graphs / compiled:.2f}x (target >= 1.5x)")
+        ratios.append(f"batch 1, ours / transformers compiled static cache = {graphs / compiled:.2f}x (target >= 1.5x)")
     notes = (f"{model_note}; {args.workload}. Output tokens/s counts each request's own tokens (padding excluded); "
              "TTFT includes queueing (all requests arrive at t=0); KV waste = allocated but empty slots / allocated slots. "
              + "; ".join(ratios))
     print("   " + notes)
-    if args.smoke:
+    if args.smoke or args.out:
         from common import markdown_table
 
-        print(markdown_table(ROWS))
+        if final:
+            print(markdown_table(ROWS))
+        if args.out:
+            import csv
+
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "serving.csv"), "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(ROWS[0]))
+                writer.writeheader()
+                writer.writerows(ROWS)
+            with open(os.path.join(args.out, "serving.md"), "w") as handle:
+                handle.write(notes + "\n\n" + markdown_table(ROWS) + "\n")
         return
     from common import write_results
 
@@ -282,30 +419,47 @@ def report(args, model_note: str, final: bool) -> None:
     print(f"   wrote {folder}/serving.{{csv,md,png}}")
 
 
+SECTIONS = ("engine", "static", "sequential", "batch1", "transformers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests and shorter outputs")
+    parser.add_argument("--quick", action="store_true", help="fewer requests")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on the CPU: checks the plumbing only")
+    parser.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shapes (no checkpoint)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--requests", type=int, default=None, help="number of requests (default 384; --quick 128)")
+    parser.add_argument("--max-seqs", type=int, default=64, help="the most concurrent sequences, engine and static alike")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode graphs (engine and static alike)")
+    parser.add_argument("--profile", action="store_true", help="print the per-step time split of the engine runs")
+    parser.add_argument("--out", default=None, help="write serving.{csv,md} here instead of benchmarks/results/<gpu>/")
+    parser.add_argument("--budget", type=float, default=1e9, help="seconds: later optional parts are skipped near it")
     parser.add_argument("--skip-hf-compile", action="store_true", help="skip transformers' torch.compile section")
     args = parser.parse_args()
+    args.deadline = time.perf_counter() + args.budget
+    sections = args.sections.split(",")
+    if any(name not in SECTIONS for name in sections):
+        raise SystemExit(f"--sections must name some of {SECTIONS}, got {args.sections!r}")
     if args.smoke:
         args.device, dtype = torch.device("cpu"), torch.float32
-        n, max_prompt, max_output = 6, 24, 10
-        args.max_seqs, args.token_budget, args.static_batches, args.sequential = 4, 32, [3], 2
-        args.hf_requests, args.hf_batch, args.decode_tokens, args.skip_hf_compile = 4, 2, 8, True
+        n, medians, cap = 6, (12, 6), 24
+        args.max_seqs, args.token_budget, args.sequential = 4, 32, 2
+        args.hf_requests, args.hf_batch, args.hf_new_tokens, args.decode_tokens, args.skip_hf_compile = 4, 2, 4, 8, True
     else:
         from common import require_cuda
 
         require_cuda("benchmarks/serving.py")
         args.device, dtype = torch.device("cuda"), torch.bfloat16
-        n, max_prompt, max_output = (96, 512, 128) if args.quick else (320, 1024, 256)
-        args.max_seqs, args.token_budget = (128, 4096) if args.quick else (256, 4096)
-        args.static_batches = [32, args.max_seqs]
-        args.sequential = 4 if args.quick else 8
-        args.hf_requests, args.hf_batch, args.decode_tokens = (32 if args.quick else 64), 32, 128
+        n, medians, cap = (128 if args.quick else 384), (100, 200), 1024
+        args.token_budget, args.sequential = 2048, 4 if args.quick else 8
+        args.hf_requests, args.hf_batch, args.hf_new_tokens, args.decode_tokens = 64, 32, 128, 128
+    n = args.requests or n
+    args.static_batches = [args.max_seqs]
     args.gguf, model, model_note = None, None, ""
     if args.smoke:
         model, model_note = Llama.random(LlamaConfig.tiny()), "tiny random model (smoke test)"
+    elif args.random:
+        model, model_note = Llama.random(LlamaConfig()), f"random weights of SmolLM2-135M's shapes, {dtype}"
     else:
         try:
             from mlsys_ref.serving.loader import load_gguf, smollm2_gguf_path
@@ -317,19 +471,21 @@ def main() -> None:
             print(f"could not load SmolLM2 ({type(error).__name__}: {error}); random weights of its shapes")
             model, model_note = Llama.random(LlamaConfig()), f"random weights of SmolLM2-135M's shapes, {dtype}"
     model = model.to(dtype).to(args.device).eval()
-    prompts, outputs = make_workload(n, model.config.vocab_size, max_prompt, max_output)
-    args.workload = (f"{n} requests, prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, "
-                     f"outputs {min(outputs)}..{max(outputs)} tokens ({sum(outputs)} in all)")
+    prompts, outputs = make_workload(n, model.config.vocab_size, *medians, cap)
+    args.workload = (f"{n} requests at t=0, prompt and output lengths log-normal (sigma 1, medians {medians[0]} and "
+                     f"{medians[1]}, clipped to [4, {cap}], seed 0: prompts {min(map(len, prompts))}..{max(map(len, prompts))} "
+                     f"mean {statistics.mean(map(len, prompts)):.0f}, outputs {min(outputs)}..{max(outputs)} mean "
+                     f"{statistics.mean(outputs):.0f}, {sum(outputs)} in all); engine and static batching both at most "
+                     f"{args.max_seqs} sequences; decode CUDA graphs{' + torch.compile' if args.compile else ''} for both")
     print(f"{model_note}; {args.workload}")
-    sections = (
-        ("engine: continuous batching", bench_engine, (prompts, outputs)),
-        ("static batching", bench_static, (prompts, outputs)),
-        ("one request at a time", bench_one_at_a_time, (prompts, outputs)),
-        ("batch-1 decode", bench_batch1_decode, ()),
-        ("transformers", bench_transformers, (prompts, outputs)),
-    )
-    for index, (name, function, extra) in enumerate(sections):
-        section(name, function, model, args, *extra)
+    table = {"engine": ("engine: continuous batching", bench_engine, (prompts, outputs)),
+             "static": ("static batching", bench_static, (prompts, outputs)),
+             "sequential": ("one request at a time", bench_one_at_a_time, (prompts, outputs)),
+             "batch1": ("batch-1 decode", bench_batch1_decode, ()),
+             "transformers": ("transformers", bench_transformers, (prompts, outputs))}
+    for index, name in enumerate(sections):
+        title, function, extra = table[name]
+        section(title, function, model, args, *extra)
         try:
             report(args, model_note, final=index == len(sections) - 1)
         except Exception as error:
