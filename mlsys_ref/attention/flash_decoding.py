@@ -24,27 +24,15 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
-from mlsys_ref.attention.flash_launch import _check_heads, _check_tensors, _keep_fitting
+from mlsys_ref.attention.flash_launch import _check_heads, _check_tensors
 from mlsys_ref.attention.flash_triton import _batch_and_head, _load_kv, _online_softmax_step
 from mlsys_ref.backend import is_interpreter, require_triton, tl, triton
 
 __all__ = ["flash_decode"]
-
-
-def _configs() -> list:
-    if is_interpreter():  # one config: autotuning under the interpreter would multiply its slow runtime
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in
-            [(64, 4, 3), (64, 4, 4), (128, 4, 2), (32, 4, 2)]]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep configs whose Q tile plus pipelined K/V tiles fit in 200 KB of shared memory (at most three)."""
-    rows = lambda config: (kwargs.get("BLOCK_M", 16), 2 * config.kwargs["BLOCK_N"])  # noqa: E731
-    return _keep_fitting(configs, named_args, kwargs, rows, keep=3)
 
 
 @triton.jit
@@ -63,11 +51,10 @@ def _split_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_d, position,
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_D", "bucket_split"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  num_kv_heads, group, q_len, cache_len, split_len, num_splits, qk_scale, bucket_split,
+                  num_kv_heads, group, q_len, cache_len, split_len, num_splits, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_SEQLENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     split = tl.program_id(0)
@@ -101,29 +88,41 @@ def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
     acc, m_i, l_i = _split_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_d, position, full_hi,
                                  split_end, split_end, qk_scale, BLOCK_N, HEAD_DIM, True, UPCAST, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # log2 units; -inf: this split saw nothing
-    # -- partial results: O_PART [B, Hq, q_len, num_splits, D], LSE_PART [B, Hq, q_len, num_splits], contiguous
+    # -- O_PART [B, Hq, q_len, num_splits, D] fp32 and LSE_PART [B, Hq, q_len, num_splits], contiguous. With one
+    # split, O_PART *is* the output [B, Hq, q_len, D] (same offsets): no combine launch, no fp32 round trip
     part = ((off_b * num_kv_heads * group + off_h) * q_len + t) * num_splits + split  # [BLOCK_M]
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(O_PART.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(LSE_PART + part, lse, mask=row_ok)
+    if num_splits > 1:  # Triton specializes an int argument equal to 1: this branch compiles away at one split
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # log2 units; -inf: this split saw nothing
+        tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
 @triton.jit
 def _combine_kernel(O_PART, LSE_PART, OUT, num_splits,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One program per (batch, query head, token): O = Σ_s 2^(lse_s - lse) O_s with lse = log2 Σ_s 2^lse_s."""
+    """One program per (batch, query head, token): O = Σ_s 2^(lse_s - lse) O_s with lse = log2 Σ_s 2^lse_s,
+    over the splits in chunks of BLOCK_S (registers stay small however many splits there are)."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (the token sees no key): output 0
-    weight = tl.exp2(lse_s - m)  # [BLOCK_S]
-    mask = (offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM)
-    o_s = tl.load(O_PART + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-    total = tl.sum(weight, 0)
-    out = tl.sum(weight[:, None] * o_s, 0) / tl.where(total == 0.0, 1.0, total)
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):  # pass 1: the largest lse (reads num_splits floats)
+        m = tl.maximum(m, tl.load(LSE_PART + row * num_splits + s0 + offs_s, mask=s0 + offs_s < num_splits,
+                                  other=float("-inf")))
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # every split empty (the token sees no key): output 0
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):  # pass 2: weights 2^(lse_s - max) and the weighted partial outputs
+        s_ok = s0 + offs_s < num_splits
+        weight = tl.exp2(tl.load(LSE_PART + row * num_splits + s0 + offs_s, mask=s_ok, other=float("-inf")) - m_all)
+        o_s = tl.load(O_PART + (row * num_splits + s0 + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                      mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_S, BLOCK_D]
+        total += weight
+        out += tl.sum(weight[:, None] * o_s, 0)
+    total_all = tl.sum(total, 0)
+    out = out / tl.where(total_all == 0.0, 1.0, total_all)
     tl.store(OUT + row * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
@@ -132,63 +131,121 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
-    """Enough (batch, KV head, split) programs to fill the GPU about twice, each split >= 256 keys."""
-    if device.type != "cuda":
+class _Plan(NamedTuple):
+    """Everything about a call that depends only on shapes, dtype and device: computed once per shape."""
+    grid: tuple
+    num_splits: int
+    split_len: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_m: int
+    block_d: int
+    block_s: int
+    scale: float  # the default 1/sqrt(D); a caller's scale replaces it
+    upcast: bool
+    precision: str
+
+
+MIN_SPLIT_KEYS = 64  # a split shorter than one 64-key block only adds partials for the combine to read
+MAX_SPLITS = 128
+
+
+def _default_splits(batch: int, kv_heads: int, cache_len: int, sm_count: int | None, waves: int = 3) -> int:
+    """Key chunks per sequence: when batch × KV heads programs cannot fill the ``sm_count`` SMs, split the keys
+    until there are about ``waves`` programs per SM, keeping >= MIN_SPLIT_KEYS keys per split. ``sm_count``
+    None (the interpreter): a few splits, so that the CPU tests exercise the combine."""
+    if sm_count is None:
         return min(4, max(1, cache_len // 16))
-    programs = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(programs, batch * kv_heads), triton.cdiv(cache_len, 256), 128))
+    programs = batch * kv_heads
+    if programs >= sm_count:  # every SM already has a sequence-head to stream: splitting only adds the combine
+        return 1
+    return max(1, min(triton.cdiv(waves * sm_count, programs), triton.cdiv(cache_len, MIN_SPLIT_KEYS), MAX_SPLITS))
+
+
+def _kernel_config(num_splits: int, split_len: int) -> tuple:
+    """(BLOCK_N, warps, stages) of the split kernel, chosen by measurement on an H100 (carry/gpu_decode.sh):
+    a long loop (one split) wants deep pipelining; short splits want small tiles and more programs per SM."""
+    if num_splits == 1:
+        return 64, 4, 3
+    return (64, 4, 2) if split_len <= 256 else (128, 4, 2)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device: torch.device,
+          num_splits: int | None) -> _Plan:
+    """Validate the shapes and decide splits, blocks and grid, once per shape: a decoder calls this every step
+    with the same shapes, so the hot path is a dictionary lookup (invalid shapes raise, and are not cached)."""
+    batch, q_heads, q_len, head_dim = q_shape
+    _, kv_heads, cache_len, _ = k_shape
+    if k_shape != v_shape or k_shape[0] != batch or k_shape[3] != head_dim:
+        raise ValueError(f"k_cache/v_cache must both be [{batch}, Hkv, S, {head_dim}], got {k_shape} and {v_shape}")
+    if not 1 <= q_len <= 16:
+        raise ValueError(f"q_len must be 1..16 (decoding), got {q_len}; use flash_attention for prefill")
+    _check_heads(head_dim, q_heads, kv_heads, "the cache")
+    if cache_len < 1:
+        raise ValueError(f"the cache must hold at least one entry, got S = {cache_len}")
+    on_gpu = device.type == "cuda"
+    if num_splits is None:
+        num_splits = _default_splits(batch, kv_heads, cache_len, _sm_count(device.index) if on_gpu else None)
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    split_len = triton.cdiv(cache_len, num_splits)
+    if on_gpu:
+        split_len = triton.cdiv(split_len, 64) * 64  # whole key blocks per split on the GPU
+    num_splits = triton.cdiv(cache_len, split_len)
+    block_n, num_warps, num_stages = _kernel_config(num_splits, split_len) if on_gpu else (16, 4, 1)
+    block_n = min(block_n, split_len) if on_gpu else block_n
+    return _Plan(grid=(num_splits, batch * kv_heads), num_splits=num_splits, split_len=split_len, block_n=block_n,
+                 num_warps=num_warps, num_stages=num_stages, block_m=max(16, triton.next_power_of_2((q_heads // kv_heads) * q_len)),
+                 block_d=max(16, triton.next_power_of_2(head_dim)), block_s=min(32, max(2, triton.next_power_of_2(num_splits))),
+                 scale=1.0 / math.sqrt(head_dim), upcast=dtype == torch.bfloat16 and is_interpreter(),
+                 precision="ieee" if dtype == torch.float32 else "tf32")  # fp32 must match the reference to 1e-5
+
+
+def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
+    """Both launches, nothing else: no host sync and only caching-allocator memory, so it can be graph-captured."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    out = torch.empty((batch, q_heads, q_len, head_dim), device=q.device, dtype=q.dtype)
+    if plan.num_splits == 1:
+        o_part = lse_part = out  # the split kernel writes the output itself
+    else:  # one allocation for the partial outputs and their lse
+        parts = batch * q_heads * q_len * plan.num_splits
+        scratch = torch.empty(parts * (head_dim + 1), device=q.device, dtype=torch.float32)
+        o_part, lse_part = scratch, scratch[parts * head_dim:]
+    _split_kernel[plan.grid](
+        q, k_cache, v_cache, o_part, lse_part, cache_seqlens if cache_seqlens is not None else q,
+        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        kv_heads, q_heads // kv_heads, q_len, k_cache.shape[2], plan.split_len, plan.num_splits,
+        scale * 1.4426950408889634,  # · log2(e) for exp2
+        HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,  # tl.dot needs >= 16 rows
+        HAS_SEQLENS=cache_seqlens is not None, UPCAST=plan.upcast, PRECISION=plan.precision,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if plan.num_splits > 1:
+        _combine_kernel[(batch * q_heads * q_len,)](o_part, lse_part, out, plan.num_splits, HEAD_DIM=head_dim,
+                                                    BLOCK_D=plan.block_d, BLOCK_S=plan.block_s)
+    return out
 
 
 def flash_decode(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, scale=None):
     """Attention of q ``[B, Hq, q_len, D]`` (1 <= q_len <= 16) over caches ``[B, Hkv, S, D]`` -> ``[B, Hq, q_len, D]``.
 
     ``cache_seqlens`` (int ``[B]``, each <= S): valid cache entries per sequence (default: all S); the new
-    tokens are the last ``q_len`` of them (bottom-right causal). ``num_splits``: key chunks per sequence.
+    tokens are the last ``q_len`` of them (bottom-right causal). ``num_splits``: key chunks per sequence
+    (default: enough to fill the GPU). Graph-capturable once a first call has compiled the kernels.
     """
     require_triton("flash_decode")
     _check_tensors((("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, (torch.float16, torch.bfloat16, torch.float32))
-    batch, q_heads, q_len, head_dim = q.shape
-    _, kv_heads, cache_len, _ = k_cache.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache/v_cache must both be [{batch}, Hkv, S, {head_dim}], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if not 1 <= q_len <= 16:
-        raise ValueError(f"q_len must be 1..16 (decoding), got {q_len}; use flash_attention for prefill")
-    _check_heads(head_dim, q_heads, kv_heads, "the cache")
+    plan = _plan(tuple(q.shape), tuple(k_cache.shape), tuple(v_cache.shape), q.dtype, q.device, num_splits)
     if cache_seqlens is not None:
-        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (batch,) or cache_seqlens.is_floating_point():
-            raise ValueError(f"cache_seqlens must be an integer tensor of shape [{batch}]")
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (q.shape[0],) or cache_seqlens.is_floating_point():
+            raise ValueError(f"cache_seqlens must be an integer tensor of shape [{q.shape[0]}]")
         if cache_seqlens.device != q.device:
             raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    if num_splits is None:
-        num_splits = _default_splits(batch, kv_heads, cache_len, q.device)
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    group = q_heads // kv_heads
-    split_len = triton.cdiv(cache_len, num_splits)
-    if q.device.type == "cuda":
-        split_len = triton.cdiv(split_len, 64) * 64  # whole key blocks per split on the GPU
-    num_splits = triton.cdiv(cache_len, split_len)
     k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cache, v_cache))
     q = q if q.stride(-1) == 1 else q.contiguous()
-    o_part = torch.empty(batch, q_heads, q_len, num_splits, head_dim, device=q.device, dtype=torch.float32)
-    lse_part = torch.empty(batch, q_heads, q_len, num_splits, device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    _split_kernel[(num_splits, batch * kv_heads)](
-        q, k_cache, v_cache, o_part, lse_part, cache_seqlens if cache_seqlens is not None else q,
-        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        kv_heads, group, q_len, cache_len, split_len, num_splits, scale * 1.4426950408889634,  # · log2(e) for exp2
-        triton.next_power_of_2(split_len),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),  # tl.dot needs >= 16 rows
-        HAS_SEQLENS=cache_seqlens is not None, UPCAST=q.dtype == torch.bfloat16 and is_interpreter(),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 must match the reference to 1e-5: no TF32
-    )
-    out = torch.empty(batch, q_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
-    _combine_kernel[(batch * q_heads * q_len,)](o_part, lse_part, out, num_splits, HEAD_DIM=head_dim,
-                                                BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
-    return out
+    return _launch(q, k_cache, v_cache, cache_seqlens, plan, plan.scale if scale is None else float(scale))
 
 
 if __name__ == "__main__":
