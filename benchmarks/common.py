@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: timing, the GPU's ceilings, and writing results.
 
 Every benchmark times with ``triton.testing.do_bench`` (CUDA events, median with 20th/80th
-percentiles), reports its unit (TFLOP/s, TB/s, tokens/s) against the datasheet peak *and* against
+percentiles; ``bench_graph`` replays a CUDA graph instead, for launch-bound calls such as decode steps), reports its unit (TFLOP/s, TB/s, tokens/s) against the datasheet peak *and* against
 a ceiling measured in the same run (a device-to-device copy, a cuBLAS matmul), and writes
 ``<name>.csv``, ``<name>.md`` and ``<name>.png`` under ``benchmarks/results/<gpu>/``.
 """
@@ -52,6 +52,44 @@ def bench(function: Callable[[], object], warmup_ms: int = 25, repeat_ms: int = 
 
     median, p20, p80 = do_bench(function, warmup=warmup_ms, rep=repeat_ms, quantiles=[0.5, 0.2, 0.8])
     return median, p20, p80
+
+
+def bench_graph(make_call: Callable[[int], Callable[[], object]], copies: int = 1, calls: int = 20,
+                repeats: int = 15) -> tuple[float, float, float]:
+    """(median, p20, p80) ms per call under CUDA-graph replay, as a server runs decode steps: ``calls`` calls
+    captured in one graph (no host launch cost), call i on input copy ``i % copies`` (enough copies that the
+    working set exceeds L2, so each call reads cold HBM as do_bench's L2 flush makes it)."""
+    functions = [make_call(i % copies) for i in range(calls)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile, autotune, cuDNN plans: all before capture, on a side stream
+        for function in functions[:max(copies, 2)]:
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for function in functions:
+            function()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def l2_copies(n_bytes: int, l2_bytes: int = 50 << 20) -> int:
+    """Copies of a working set of ``n_bytes`` to rotate through so that the others evict each one from L2."""
+    return 1 if n_bytes >= 2 * l2_bytes else -(-2 * l2_bytes // n_bytes) + 1
 
 
 def measured_copy_tbps(n_bytes: int = 2 << 30) -> float:
