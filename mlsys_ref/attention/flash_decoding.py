@@ -160,7 +160,7 @@ def _default_splits(batch: int, kv_heads: int, cache_len: int, sm_count: int | N
     programs = batch * kv_heads
     if programs >= sm_count:  # every SM already has a sequence-head to stream: splitting only adds the combine
         return 1
-    return max(1, min(triton.cdiv(waves * sm_count, programs), triton.cdiv(cache_len, MIN_SPLIT_KEYS), MAX_SPLITS))
+    return max(1, min(triton.cdiv(waves * sm_count, programs), cache_len // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 def _kernel_config(num_splits: int, split_len: int) -> tuple:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mlsys_ref.attention.flash_decoding import flash_decode
+from mlsys_ref.attention.flash_decoding import MAX_SPLITS, MIN_SPLIT_KEYS, _default_splits, _plan, flash_decode
 from mlsys_ref.attention.reference import attention_reference
 from mlsys_ref.testing import assert_close
 
@@ -69,3 +69,58 @@ def test_gpu_bf16_long_cache(batch, cache_len, q_len, device):
     seqlens = torch.tensor(lengths, device=device, dtype=torch.int32)
     out = flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens)
     assert_close(out, _expected(q, k_cache, v_cache, lengths).to(torch.bfloat16), torch.bfloat16)
+
+
+def test_many_splits_combine_in_chunks(device):
+    """More splits than the combine kernel's chunk (BLOCK_S <= 32): its loop over chunks must see them all."""
+    q = torch.randn(1, 4, 2, 32, device=device)
+    k_cache, v_cache = (torch.randn(1, 2, 45, 32, device=device) for _ in range(2))
+    out = flash_decode(q, k_cache, v_cache, num_splits=45)  # one key per split on the CPU
+    assert_close(out, _expected(q, k_cache, v_cache, [45]))
+
+
+@pytest.mark.parametrize("batch,kv_heads,cache_len", [(1, 8, 4096), (1, 8, 32768), (2, 8, 16384), (4, 1, 100),
+                                                      (16, 8, 8192), (64, 8, 4096), (1, 8, 64)])
+def test_default_splits_fill_the_gpu_and_keep_splits_long(batch, kv_heads, cache_len):
+    sms = 132
+    splits = _default_splits(batch, kv_heads, cache_len, sms)
+    assert 1 <= splits <= MAX_SPLITS
+    if batch * kv_heads >= sms:  # the batch alone fills the GPU: no combine pass
+        assert splits == 1
+    else:  # enough programs for every SM, unless the splits would get shorter than MIN_SPLIT_KEYS
+        assert batch * kv_heads * splits >= sms or splits in (MAX_SPLITS, max(1, cache_len // MIN_SPLIT_KEYS))
+        assert -(-cache_len // splits) >= MIN_SPLIT_KEYS or cache_len < MIN_SPLIT_KEYS
+    assert _default_splits(2 * batch, kv_heads, cache_len, sms) <= splits  # more sequences, fewer splits
+
+
+def test_plan_is_computed_once_per_shape_and_bad_shapes_always_raise(device):
+    q = torch.randn(1, 4, 1, 32, device=device)
+    cache = torch.randn(1, 2, 16, 32, device=device)
+    before = _plan.cache_info().hits
+    flash_decode(q, cache, cache)
+    flash_decode(q, cache, cache)
+    assert _plan.cache_info().hits >= before + 1
+    for _ in range(2):  # exceptions are not cached: the second bad call raises too
+        with pytest.raises(ValueError):
+            flash_decode(q, cache, cache[:, :, :8])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,cache_len", [(1, 4096), (64, 1024)])
+def test_gpu_graph_capture_replays_new_inputs(batch, cache_len, device):
+    """A decode step under a CUDA graph: after a warm-up call, capture once, then replay with new q and cache."""
+    q = torch.randn(batch, 32, 1, 128, device=device, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(batch, 8, cache_len, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.full((batch,), cache_len, device=device, dtype=torch.int32)
+    flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens)  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        k_cache.copy_(torch.randn_like(k_cache))
+        seqlens.fill_(cache_len - 7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens), torch.bfloat16)
