@@ -242,19 +242,16 @@ def bench_decode(batch: int, context: int) -> None:
     rows: list[dict] = []
 
     def run(name, make_call, note=""):
-        try:
-            timing = time_ms(make_call(0))
-        except Exception as error:  # an unsupported backend or an OOM is a note, not a crash
-            NOTES.append(f"{name} at {shape}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
-            empty_cache()
-            return
-        try:
-            graph = graph_time_ms(make_call, copies)
-        except Exception as error:
-            graph = None
-            NOTES.append(f"{name} at {shape}: no CUDA-graph timing ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
-        rows.append(add_row("decode", name, head_dim, False, context, batch, f"{q_heads}/{kv_heads}", timing,
-                            kv_bytes=kv_bytes, note=note, graph=graph))
+        def make_row(timing):
+            try:
+                graph = graph_time_ms(make_call, copies)
+            except Exception as error:  # a backend that cannot be captured keeps its plain timing
+                graph = None
+                NOTES.append(f"{name} at {shape}: no CUDA-graph timing ({type(error).__name__}: {str(error)[:100]})")
+            return add_row("decode", name, head_dim, False, context, batch, f"{q_heads}/{kv_heads}", timing,
+                           kv_bytes=kv_bytes, note=note, graph=graph)
+
+        try_time(rows, f"{name} at {shape}", make_call(0), make_row)
 
     run(OURS["decode"], lambda i: lambda: flash_decode(qs[i], ks[i], vs[i]))
     group = q_heads // kv_heads
@@ -331,24 +328,18 @@ def plot(folder: Path) -> None:
 def decode_summary() -> list[dict]:
     """One line per decode shape: ours and the best SDPA backend, plain and graphed."""
     out = []
-    for batch, seq in sorted({(r["batch"], r["seq"]) for r in ROWS if r["pass"] == "decode"}, key=lambda x: (-x[0], x[1])):
-        rows = [r for r in ROWS if r["pass"] == "decode" and (r["batch"], r["seq"]) == (batch, seq)]
-        ours = [r for r in rows if r["provider"] == OURS["decode"]]
-        sdpa_rows = [r for r in rows if r["provider"].startswith("sdpa")]
-        if not ours or not sdpa_rows:
-            continue
-        mine = ours[0]
-        best_plain = min(sdpa_rows, key=lambda r: r["ms"])
-        graphed = [r for r in sdpa_rows if r["ms_graph"] == r["ms_graph"]]
-        best_graph = min(graphed, key=lambda r: r["ms_graph"]) if graphed else None
-        out.append({"batch": batch, "ctx": seq, "ours_us": 1e3 * mine["ms"], "ours_us_graph": 1e3 * mine["ms_graph"],
-                    "tbps_graph": mine["tbps_graph"], "pct_copy_graph": mine["pct_copy_graph"],
-                    "pct_copy_plain": mine["pct_copy"],
-                    "best_sdpa_graph": best_graph["provider"] if best_graph else "-",
-                    "sdpa_us_graph": 1e3 * best_graph["ms_graph"] if best_graph else float("nan"),
-                    "vs_best_sdpa_graph": mine["vs_best_sdpa_graph"],
-                    "best_sdpa_plain": best_plain["provider"], "sdpa_us_plain": 1e3 * best_plain["ms"],
-                    "vs_best_sdpa_plain": mine["vs_best_sdpa"]})
+    for mine in (r for r in ROWS if r["pass"] == "decode" and r["provider"] == OURS["decode"]):
+        sdpa_rows = [r for r in ROWS if r["pass"] == "decode" and r["provider"].startswith("sdpa")
+                     and (r["batch"], r["seq"]) == (mine["batch"], mine["seq"])]
+        if sdpa_rows:
+            plain = min(sdpa_rows, key=lambda r: r["ms"])
+            graph = min(sdpa_rows, key=lambda r: r["ms_graph"] if r["ms_graph"] == r["ms_graph"] else float("inf"))
+            out.append({"batch": mine["batch"], "ctx": mine["seq"], "ours_us": 1e3 * mine["ms"],
+                        "ours_us_graph": 1e3 * mine["ms_graph"], "tbps_graph": mine["tbps_graph"],
+                        "pct_copy_graph": mine["pct_copy_graph"], "pct_copy_plain": mine["pct_copy"],
+                        "best_sdpa_graph": graph["provider"], "sdpa_us_graph": 1e3 * graph["ms_graph"],
+                        "vs_best_sdpa_graph": mine["vs_best_sdpa_graph"], "best_sdpa_plain": plain["provider"],
+                        "sdpa_us_plain": 1e3 * plain["ms"], "vs_best_sdpa_plain": mine["vs_best_sdpa"]})
     return out
 
 
