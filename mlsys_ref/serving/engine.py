@@ -77,13 +77,15 @@ class Engine:
     enough for ``max_num_seqs`` sequences of ``max_model_len`` tokens. ``attention="reference"``
     uses the PyTorch gather-then-attend reference instead of the Triton kernels (to check them).
     ``cuda_graph_batch_sizes`` (CUDA only), e.g. ``[1, 2, 4, 8]``, captures pure-decode steps as graphs;
-    ``compile_decode=True`` also ``torch.compile``s the layer code around the attention kernels first.
+    ``cuda_graph_token_sizes``, e.g. ``[64, 128, 256, 512]``, captures steps with prefill chunks (any mix of up
+    to ``max_num_seqs`` sequences, T padded to a listed size); ``compile_decode=True`` also ``torch.compile``s
+    the layer code around the attention kernels first (every path).
     """
 
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, tokenizer=None,
                  max_model_len: int | None = None, attention: str = "triton", cuda_graph_batch_sizes=None,
-                 compile_decode: bool = False, verbose: bool = False):
+                 cuda_graph_token_sizes=None, compile_decode: bool = False, verbose: bool = False):
         config = model.config
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
@@ -97,9 +99,11 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, verbose)
         self.runner = ModelRunner(model, num_blocks, block_size, attention)
         self.device = self.runner.device
+        max_blocks = -(-max_model_len // block_size)
         if cuda_graph_batch_sizes:  # decode steps of up to max(sizes) sequences replay a captured graph
-            self.runner.capture_decode_graphs(cuda_graph_batch_sizes, -(-max_model_len // block_size),
-                                              compile=compile_decode)
+            self.runner.capture_decode_graphs(cuda_graph_batch_sizes, max_blocks, compile=compile_decode)
+        if cuda_graph_token_sizes:  # so do steps with prefill chunks of up to max(sizes) tokens
+            self.runner.capture_mixed_graphs(cuda_graph_token_sizes, max_num_seqs, max_blocks, compile=compile_decode)
         self.requests: dict[int, Sequence] = {}
         self.times: dict[int, list[float | None]] = {}  # arrival, first token, finish
         self._next_id = 0

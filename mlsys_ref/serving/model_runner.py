@@ -17,43 +17,58 @@ prefill/decode batches (only pure-decode steps are captured).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from mlsys_ref.serving.kv_cache import allocate_kv_cache, copy_blocks, write_kv
 
-__all__ = ["ModelRunner", "StepInputs"]
+__all__ = ["ModelRunner", "StepInputs", "DecodeGraphs", "MixedGraphs", "pack_chunks", "forward_unchecked"]
+
+
+def pack_chunks(chunks, block_manager):
+    """The host-side lists of one step: tokens, positions, slots [T]; block tables (ragged), cu_seqlens_q [B+1],
+    context_lens [B], sample_rows [R]. Plain Python lists (one ``torch.tensor`` call each later, no per-sequence
+    tensors); a decode chunk (one token) takes a short path, since most chunks of most steps are decodes."""
+    tokens, positions, slots, tables, cu, lens, sample_rows = [], [], [], [], [0], [], []
+    bs = block_manager.block_size
+    for chunk in chunks:
+        seq, start, end = chunk.seq, chunk.start, chunk.end
+        table = block_manager.block_table(seq.seq_id)
+        ids = seq.token_ids
+        if end - start == 1:
+            tokens.append(ids[start])
+            positions.append(start)
+            slots.append(table[start // bs] * bs + start % bs)  # = block_manager.slot_mapping
+        else:
+            tokens += ids[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        tables.append(table)
+        cu.append(cu[-1] + end - start)
+        lens.append(end)
+        if end == len(ids):  # chunk.sample: the last row of the chunk predicts the next token
+            sample_rows.append(cu[-1] - 1)
+    return tokens, positions, slots, tables, cu, lens, sample_rows
+
+
+def padded_tables(tables, width: int) -> torch.Tensor:
+    """Ragged block tables -> int32 [B, width] (padding is never read: context_lens bounds it)."""
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
 class StepInputs:
     """The packed tensors of one step (all on the model's device)."""
 
     def __init__(self, chunks, block_manager, device, pad_blocks_to: int | None = None):
-        tokens, positions, slots, tables, cu, lens, sample_rows = [], [], [], [], [0], [], []
-        bs = block_manager.block_size
-        for chunk in chunks:
-            seq_id, start, end = chunk.seq.seq_id, chunk.start, chunk.end
-            table = block_manager.block_table(seq_id)
-            tokens += chunk.seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]  # = block_manager.slot_mapping
-            tables.append(table)
-            cu.append(cu[-1] + end - start)
-            lens.append(end)
-            if chunk.sample:
-                sample_rows.append(cu[-1] - 1)  # the last row of the chunk predicts the next token
+        tokens, positions, slots, tables, cu, lens, sample_rows = pack_chunks(chunks, block_manager)
         width = max(len(t) for t in tables) if pad_blocks_to is None else pad_blocks_to
-        padded = [t + [0] * (width - len(t)) for t in tables]  # padding is never read: context_lens bounds it
-
-        def as_tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        self.tokens = as_tensor(tokens, torch.int64)  # [T]
-        self.positions = as_tensor(positions, torch.int64)  # [T]
-        self.slot_mapping = as_tensor(slots, torch.int64)  # [T] token -> physical slot
-        self.block_tables = as_tensor(padded, torch.int32)  # [B, max_blocks] logical -> physical block
-        self.cu_seqlens_q = as_tensor(cu, torch.int32)  # [B+1] row offsets of each sequence's queries
-        self.context_lens = as_tensor(lens, torch.int32)  # [B] tokens cached after this step
-        self.logits_indices = as_tensor(sample_rows, torch.int64)  # [R] rows whose logits are sampled
+        packed = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(device, non_blocking=True)  # one copy for three rows
+        self.tokens, self.positions, self.slot_mapping = packed[0], packed[1], packed[2]  # [T] each; slot = where K/V goes
+        self.block_tables = padded_tables(tables, width).to(device, non_blocking=True)  # [B, max_blocks]
+        self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)  # [B+1] query row offsets
+        self.context_lens = torch.tensor(lens, dtype=torch.int32).to(device, non_blocking=True)  # [B] cached after this step
+        self.logits_indices = torch.tensor(sample_rows, dtype=torch.int64).to(device, non_blocking=True)  # [R] rows whose logits are sampled
         self.max_q_len = max(c.end - c.start for c in chunks)  # known here: no device sync in the kernel
         self.all_decode = self.max_q_len == 1
         self.num_seqs = len(chunks)
@@ -74,6 +89,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                           config.head_dim, self.dtype, self.device)
         self.graphs = None  # DecodeGraphs, when capture_decode_graphs() was called
+        self.mixed_graphs = None  # MixedGraphs, when capture_mixed_graphs() was called
+        self.halves = (layer_before_attention, layer_after_attention)  # compiled by compile=True
 
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_cache)
@@ -105,15 +122,33 @@ class ModelRunner:
         """Logits [R, vocab] (fp32) for the chunks that end at their sequence's last token, in order."""
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, block_manager)
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(chunks):
+            return self.mixed_graphs.run(chunks, block_manager)
         inputs = StepInputs(chunks, block_manager, self.device)
         attend = self.make_attend(inputs, decode_only=inputs.all_decode)
-        return self.model(inputs.tokens, inputs.positions, attend, inputs.logits_indices)
+        # the runner built the inputs, so Llama.forward's value checks (three device syncs) are skipped
+        return forward_unchecked(self.model, inputs.tokens, inputs.positions, attend, *self.halves,
+                                 logits_indices=inputs.logits_indices)
+
+    def _set_halves(self, compile: bool) -> None:
+        # torch.compile the layer halves around attend (fuses norms, RoPE, SwiGLU's elementwise ops: far
+        # fewer kernels per step); the attention kernels stay outside. Every path uses the same pair.
+        if compile and self.halves == (layer_before_attention, layer_after_attention):
+            self.halves = (torch.compile(layer_before_attention), torch.compile(layer_after_attention))
 
     def capture_decode_graphs(self, batch_sizes, max_blocks_per_seq: int, emulate: bool = False,
                               compile: bool = False) -> None:
         """Capture the pure-decode step as CUDA graphs for these batch sizes (CUDA only; ``emulate`` for tests)."""
+        self._set_halves(compile)
         self.graphs = None
-        self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq, emulate, compile)
+        self.graphs = DecodeGraphs(self, batch_sizes, max_blocks_per_seq, emulate)
+
+    def capture_mixed_graphs(self, token_sizes, max_num_seqs: int, max_blocks_per_seq: int, emulate: bool = False,
+                             compile: bool = False) -> None:
+        """Capture steps with prefill chunks (up to ``max_num_seqs`` sequences, T padded to one of ``token_sizes``)."""
+        self._set_halves(compile)
+        self.mixed_graphs = None
+        self.mixed_graphs = MixedGraphs(self, token_sizes, max_num_seqs, max_blocks_per_seq, emulate)
 
 
 def layer_before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -128,17 +163,34 @@ def layer_after_attention(layer, x: torch.Tensor, out: torch.Tensor) -> torch.Te
 
 
 def forward_unchecked(model, tokens: torch.Tensor, positions: torch.Tensor, attend, before=layer_before_attention,
-                      after=layer_after_attention) -> torch.Tensor:
+                      after=layer_after_attention, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
     """``Llama.forward`` split around ``attend`` and without its input checks, which read values back to
     the host (``int(tokens.max())``) and so cannot be captured in a CUDA graph. Inputs come from the
     runner, already valid. ``before``/``after`` may be ``torch.compile``d versions of the two halves
-    (the attention kernels stay outside the compiled code)."""
+    (the attention kernels stay outside the compiled code). Logits of ``logits_indices`` rows (default all)."""
     cos, sin = model.rope(positions)
     x = model.embed_tokens(tokens)  # [T, hidden]
     for index, layer in enumerate(model.layers):
         q, k, v = before(layer, x, cos, sin)
         x = after(layer, x, attend(index, q, k, v))
+    if logits_indices is not None:
+        x = x[logits_indices]  # only the rows that will be sampled pay for the head
     return model.lm_head(model.norm(x)).float()
+
+
+def capture(run, pool=None):
+    """Warm ``run`` up on a side stream (Triton compiles and autotunes outside the capture), then capture it.
+    Returns (graph, its output tensor); pass ``graph.pool()`` to the next capture to share memory."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        output = run()
+    return graph, output
 
 
 class _StaticInputs:
@@ -159,12 +211,10 @@ class DecodeGraphs:
     step is kept small (one copy for tokens/positions/slots/lengths, one for the block tables) because
     at batch 1 a 135M model's whole step is a couple of milliseconds."""
 
-    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int, emulate: bool = False,
-                 compile: bool = False):
+    def __init__(self, runner: ModelRunner, batch_sizes, max_blocks_per_seq: int, emulate: bool = False):
         # emulate=True: the same static buffers and padding, but run eagerly instead of capturing
-        # (lets a CPU test check everything except the capture itself).
-        # compile=True: torch.compile the layer halves around attend (fuses norms, RoPE, SwiGLU's
-        # elementwise ops: far fewer kernels per step), then capture that. Compiles once or twice.
+        # (lets a CPU test check everything except the capture itself). The layer halves are the
+        # runner's (torch.compile'd when capture_decode_graphs(compile=True)).
         if runner.device.type != "cuda" and not emulate:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {runner.device}")
         sizes = sorted({int(b) for b in batch_sizes})
@@ -180,9 +230,6 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs, self.outputs, self.functions = {}, {}, {}
-        before, after = layer_before_attention, layer_after_attention
-        if compile:
-            before, after = torch.compile(before), torch.compile(after)
         pool = None
         for b in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
             static = _StaticInputs(self, b)
@@ -190,22 +237,13 @@ class DecodeGraphs:
 
             def run(static=static, attend=attend, b=b):
                 self.context_lens[:b].copy_(self.packed[3, :b])  # inside the graph: int64 -> int32
-                return forward_unchecked(runner.model, static.tokens, static.positions, attend, before, after)
+                return forward_unchecked(runner.model, static.tokens, static.positions, attend, *runner.halves)
 
             if emulate:
                 self.functions[b] = run
                 continue
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():  # warm-up: Triton compiles outside the capture
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                self.outputs[b] = run()  # [b, vocab]
-            pool = graph.pool()
-            self.graphs[b] = graph
+            self.graphs[b], self.outputs[b] = capture(run, pool)  # outputs [b, vocab]
+            pool = self.graphs[b].pool()
 
     def can_run(self, chunks) -> bool:
         return (len(chunks) <= self.sizes[-1] and all(c.end - c.start == 1 for c in chunks)
@@ -234,6 +272,72 @@ class DecodeGraphs:
         sampled = [i for i, chunk in enumerate(chunks) if chunk.sample]
         logits = self.outputs[b]
         return logits[:n].clone() if len(sampled) == n else logits[sampled].clone()  # [R, vocab]
+
+
+class MixedGraphs:
+    """Steps with prefill chunks (Sarathi-Serve's mixed batches, or plain prefills) captured as one CUDA graph
+    per padded token count T_b, each with room for ``max_num_seqs`` sequences. A step of T tokens from n
+    sequences runs in the smallest T_b >= T: rows T.. are padding (token 0, slot -1: nothing written, and
+    owned by no sequence, so the attention kernel never reads or writes them: their rows of every later
+    matmul are garbage that stays in those rows); sequences n.. have q_len 0 and context 0 (no work).
+    The attention grid is sized for the worst case (one sequence with all T_b rows): tiles past a
+    sequence's q_len exit at once. Logits are computed for ``max_num_seqs`` rows (``logits_indices``
+    padded with row 0); the first R are the sampled ones.
+
+    Why: without it, every step that admits a request runs the ~30-layer forward eagerly, launch by launch
+    (tens of host microseconds per kernel), and with hundreds of requests that is hundreds of slow steps."""
+
+    def __init__(self, runner: ModelRunner, token_sizes, max_num_seqs: int, max_blocks_per_seq: int,
+                 emulate: bool = False):
+        if runner.device.type != "cuda" and not emulate:
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {runner.device}")
+        sizes = sorted({int(t) for t in token_sizes})
+        if not sizes or sizes[0] < 1 or isinstance(max_num_seqs, bool) or max_num_seqs < 1:
+            raise ValueError(f"token_sizes and max_num_seqs must be positive ints, got {token_sizes!r}, {max_num_seqs!r}")
+        self.runner, self.sizes, self.width, self.max_seqs = runner, sizes, max_blocks_per_seq, max_num_seqs
+        t, n, device = sizes[-1], max_num_seqs, runner.device
+        self.packed = torch.zeros(3, t, dtype=torch.int64, device=device)  # tokens, positions, slot_mapping
+        self.packed[2].fill_(-1)
+        self.seq_info = torch.zeros(2 * n + 1, dtype=torch.int32, device=device)  # cu_seqlens_q [n+1], context_lens [n]
+        self.logits_indices = torch.zeros(n, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.graphs, self.outputs, self.functions, pool = {}, {}, {}, None
+        for size in reversed(sizes):
+            static = SimpleNamespace(tokens=self.packed[0, :size], positions=self.packed[1, :size],
+                                     slot_mapping=self.packed[2, :size], cu_seqlens_q=self.seq_info[:n + 1],
+                                     context_lens=self.seq_info[n + 1:], block_tables=self.block_tables, max_q_len=size)
+            attend = runner.make_attend(static, decode_only=False)
+
+            def run(static=static, attend=attend):
+                return forward_unchecked(runner.model, static.tokens, static.positions, attend, *runner.halves,
+                                         logits_indices=self.logits_indices)
+
+            if emulate:
+                self.functions[size] = run
+                continue
+            self.graphs[size], self.outputs[size] = capture(run, pool)  # outputs [max_num_seqs, vocab]
+            pool = self.graphs[size].pool()
+
+    def can_run(self, chunks) -> bool:
+        return (len(chunks) <= self.max_seqs and sum(c.end - c.start for c in chunks) <= self.sizes[-1]
+                and all(-(-c.end // self.runner.block_size) <= self.width for c in chunks))
+
+    def run(self, chunks, block_manager) -> torch.Tensor:
+        tokens, positions, slots, tables, cu, lens, sample_rows = pack_chunks(chunks, block_manager)
+        t, n, pad = len(tokens), self.max_seqs, next(size for size in self.sizes if size >= len(tokens))
+        extra = pad - t
+        self.packed[:, :pad].copy_(torch.tensor([tokens + [0] * extra, positions + [0] * extra, slots + [-1] * extra]),
+                                   non_blocking=True)
+        empty = n - len(chunks)  # sequences with no rows: q_len 0, context 0
+        self.seq_info.copy_(torch.tensor(cu + [t] * empty + lens + [0] * empty, dtype=torch.int32), non_blocking=True)
+        self.logits_indices.copy_(torch.tensor(sample_rows + [0] * (n - len(sample_rows))), non_blocking=True)
+        width = max(len(table) for table in tables)
+        self.block_tables[:len(chunks), :width].copy_(padded_tables(tables, width), non_blocking=True)
+        if self.functions:
+            self.outputs[pad] = self.functions[pad]()
+        else:
+            self.graphs[pad].replay()
+        return self.outputs[pad][:len(sample_rows)].clone()  # [R, vocab]
 
 
 if __name__ == "__main__":

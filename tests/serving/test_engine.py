@@ -163,6 +163,26 @@ def test_decode_graph_buffers_and_padding(model):
     assert_no_leak(engine)
 
 
+def test_mixed_graph_buffers_and_padding(model):
+    """The CUDA-graph path for steps with prefill chunks (T padded to a captured size, unused sequence rows
+    with q_len 0, logits rows padded), run eagerly, together with the decode graphs."""
+    engine = Engine(model, num_blocks=24, block_size=8, max_num_seqs=3, max_num_batched_tokens=16)
+    engine.runner.capture_decode_graphs([1, 2, 4], max_blocks_per_seq=8, emulate=True)
+    engine.runner.capture_mixed_graphs([8, 16], max_num_seqs=3, max_blocks_per_seq=8, emulate=True)
+    used = []
+    run = engine.runner.mixed_graphs.run
+    engine.runner.mixed_graphs.run = lambda chunks, bm: used.append(sum(c.end - c.start for c in chunks)) or run(chunks, bm)
+    prompts = [[5, 6, 7], [1] * 11, [9, 8, 7, 6] * 5, [3, 1, 4, 1, 5]]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (6, 3, 5, 4)]
+    streamed, ids = run_with_arrivals(engine, prompts, params, [0, 0, 1, 3])
+    for request_id, i in ids.items():
+        assert engine.output(request_id).output_ids == reference(model, prompts[i], params[i]) == streamed[i]
+    assert any(t < 8 for t in used) and any(8 < t < 16 for t in used)  # padded to both sizes
+    assert_no_leak(engine)
+    with pytest.raises(ValueError, match="token_sizes"):
+        engine.runner.capture_mixed_graphs([], max_num_seqs=3, max_blocks_per_seq=8, emulate=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_decode", [False, True])
 def test_engine_with_cuda_graphs_matches_reference(compile_decode):
@@ -170,8 +190,8 @@ def test_engine_with_cuda_graphs_matches_reference(compile_decode):
     prompts = [[(3 * i + j) % 97 for j in range(5 + 7 * i)] for i in range(5)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     engine = Engine(model, num_blocks=64, block_size=16, max_num_seqs=4, cuda_graph_batch_sizes=[1, 2, 4],
-                    compile_decode=compile_decode)
-    assert engine.runner.graphs is not None
+                    cuda_graph_token_sizes=[16, 64], max_num_batched_tokens=64, compile_decode=compile_decode)
+    assert engine.runner.graphs is not None and engine.runner.mixed_graphs is not None
     for prompt, out in zip(prompts, engine.generate(prompts, params, progress=False)):
         assert out.output_ids == reference(model, prompt, params)
     assert_no_leak(engine)
