@@ -56,7 +56,9 @@ def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   num_kv_heads, group, q_len, cache_len, split_len, num_splits, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_SEQLENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_SEQLENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: let the combine kernel's programs start (they wait for our stores)
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     off_b, off_hk = _batch_and_head(num_kv_heads)
     seqlen = cache_len
@@ -100,9 +102,11 @@ def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
 
 @triton.jit
 def _combine_kernel(O_PART, LSE_PART, OUT, num_splits,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (batch, query head, token): O = Σ_s 2^(lse_s - lse) O_s with lse = log2 Σ_s 2^lse_s,
     over the splits in chunks of BLOCK_S (registers stay small however many splits there are)."""
+    if PDL:  # launched early: wait until every split's partial result is written and visible
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -145,6 +149,7 @@ class _Plan(NamedTuple):
     scale: float  # the default 1/sqrt(D); a caller's scale replaces it
     upcast: bool
     precision: str
+    pdl: bool  # launch the combine with programmatic dependent launch (Hopper): hides its launch latency
 
 
 MIN_SPLIT_KEYS = 64  # a split shorter than one 64-key block only adds partials for the combine to read
@@ -200,7 +205,8 @@ def _plan(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, de
                  num_warps=num_warps, num_stages=num_stages, block_m=max(16, triton.next_power_of_2((q_heads // kv_heads) * q_len)),
                  block_d=max(16, triton.next_power_of_2(head_dim)), block_s=min(32, max(2, triton.next_power_of_2(num_splits))),
                  scale=1.0 / math.sqrt(head_dim), upcast=dtype == torch.bfloat16 and is_interpreter(),
-                 precision="ieee" if dtype == torch.float32 else "tf32")  # fp32 must match the reference to 1e-5
+                 precision="ieee" if dtype == torch.float32 else "tf32",  # fp32 must match the reference to 1e-5
+                 pdl=False)
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
@@ -221,10 +227,11 @@ def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
         scale * 1.4426950408889634,  # · log2(e) for exp2
         HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,  # tl.dot needs >= 16 rows
         HAS_SEQLENS=cache_seqlens is not None, UPCAST=plan.upcast, PRECISION=plan.precision,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        PDL=plan.pdl, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if plan.num_splits > 1:
+        pdl = {"PDL": True, "launch_pdl": True} if plan.pdl else {}
         _combine_kernel[(batch * q_heads * q_len,)](o_part, lse_part, out, plan.num_splits, HEAD_DIM=head_dim,
-                                                    BLOCK_D=plan.block_d, BLOCK_S=plan.block_s)
+                                                    BLOCK_D=plan.block_d, BLOCK_S=plan.block_s, **pdl)
     return out
 
 
