@@ -183,7 +183,8 @@ class Scheduler:
             end = seq.num_computed + min(seq.num_uncomputed, budget)
             batch.chunks.append(Chunk(seq, seq.num_computed, end))
             budget -= end - seq.num_computed
-            self._log(f"admit seq {seq.seq_id}: {len(seq.token_ids)} tokens, {seq.num_computed} from the prefix cache")
+            if self.verbose:
+                self._log(f"admit seq {seq.seq_id}: {len(seq.token_ids)} tokens, {seq.num_computed} from the prefix cache")
         if self.verbose:
             parts = [f"{c.seq.seq_id}:{'decode' if c.is_decode else 'prefill'}[{c.start}:{c.end}]" for c in batch.chunks]
             self._log(f"batch {batch.num_tokens} tokens / {len(batch.chunks)} seqs: {' '.join(parts)}; "
@@ -202,13 +203,14 @@ class Scheduler:
             seq.token_ids.append(token)
             if token in seq.stop_ids:
                 seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens or len(seq.token_ids) >= seq.max_len:
+            elif len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq.token_ids) >= seq.max_len:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 seq.status = Status.FINISHED
                 self.running.remove(seq)
                 self.block_manager.free(seq.seq_id)
-                self._log(f"seq {seq.seq_id} finished ({seq.finish_reason}), {len(seq.output_ids)} tokens")
+                if self.verbose:
+                    self._log(f"seq {seq.seq_id} finished ({seq.finish_reason}), {len(seq.output_ids)} tokens")
             results.append((seq, [token], seq.finish_reason is not None))
         return results
 

@@ -53,11 +53,15 @@ def test_concurrent_greedy_matches_reference(model, data):
     assert_no_leak(engine)
 
 
-def test_preemption_and_prefix_sharing_keep_outputs(model):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_preemption_and_prefix_sharing_keep_outputs(model, graphs):
     shared = [(5 * j + 1) % 97 for j in range(19)]
     prompts = [shared + [40 + i] * (1 + i) for i in range(4)] + [shared[:9] + [3, 4]]
     params = [SamplingParams(max_tokens=10, ignore_eos=True)] * len(prompts)
     engine = Engine(model, num_blocks=9, block_size=8, max_num_seqs=4, max_num_batched_tokens=24)
+    if graphs:  # the graph paths (run eagerly): persistent block tables rewritten after preemption and CoW
+        engine.runner.capture_decode_graphs([2, 4], max_blocks_per_seq=5, emulate=True)
+        engine.runner.capture_mixed_graphs([16, 24], max_num_seqs=4, max_blocks_per_seq=5, emulate=True)
     outputs = engine.generate(prompts, params, progress=False)
     assert sum(o.num_preemptions for o in outputs) > 0, "9 blocks of 8 slots must force preemption"
     assert sum(o.num_cached_prompt_tokens for o in outputs) > 0, "the shared 19-token prefix must hit the cache"
@@ -161,6 +165,25 @@ def test_decode_graph_buffers_and_padding(model):
         assert out.output_ids == reference(model, prompt, params)
     assert 3 in used and 1 in used  # batch 3 ran padded to 4
     assert_no_leak(engine)
+
+
+def test_persistent_block_tables_rows_and_reclaim():
+    from types import SimpleNamespace
+
+    from mlsys_ref.serving.cuda_graphs import PersistentBlockTables
+
+    tables = {0: [3, 1], 1: [7], 2: [2, 5, 6]}
+    manager = SimpleNamespace(block_table=lambda seq_id: list(tables[seq_id]))
+    chunks = lambda ids: [SimpleNamespace(seq=SimpleNamespace(seq_id=i)) for i in ids]  # noqa: E731
+    persistent = PersistentBlockTables(rows=3, width=4, device="cpu")
+    rows = persistent.assign(chunks([0, 1]), manager)
+    assert persistent.device[rows[0], :2].tolist() == [3, 1] and persistent.device[rows[1], :1].tolist() == [7]
+    tables[1] = [7, 4]  # a new block: only that row changes
+    assert persistent.assign(chunks([0, 1]), manager) == rows and persistent.device[rows[1], :2].tolist() == [7, 4]
+    tables[3] = [9]
+    rows_2 = persistent.assign(chunks([2, 3]), manager)  # 3 rows, 4 sequences: the rows of 0 and 1 are reused
+    assert persistent.device[rows_2[0], :3].tolist() == [2, 5, 6] and persistent.device[rows_2[1], :1].tolist() == [9]
+    assert set(persistent.row_of) == {2, 3}
 
 
 def test_mixed_graph_buffers_and_padding(model):
