@@ -73,6 +73,28 @@ def _unique(configs) -> list[dict]:
     return out
 
 
+def _words_fit(qweight: torch.Tensor, K: int, bits: int) -> bool:
+    """The GEMV reads qweight as int32 words: whole words per row, 4-byte aligned rows."""
+    return (K % (32 // bits) == 0 and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0
+            and qweight.storage_offset() % 4 == 0)
+
+
+_COUNTERS: dict = {}  # device -> int32 arrival counters of the split-K GEMV, zero between launches
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Arrival counters for ``tiles`` output tiles; each launch leaves them at zero (the last program of a
+    tile resets its counter). One buffer per device: launches on one stream (or one graph) are serialized;
+    two split-K GEMVs running *concurrently* on two streams would share counters (not supported)."""
+    buffer = _COUNTERS.get(device)
+    if buffer is None or buffer.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("quant_matmul: run the split-K GEMV once before capturing a CUDA graph "
+                               "(its counters are allocated on first use)")
+        buffer = _COUNTERS[device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+    return buffer
+
+
 def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, int]:
     """Check the storage format; return (N, K, group_size)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -122,14 +144,9 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     signed = qweight.dtype == torch.int8
     if signed:
         qweight = qweight.view(torch.uint8)  # same bytes; the kernels flip the sign bit (see _unsigned_codes)
-    x_pairs = bits == 4 and x2.dtype != torch.float32
-    if x_pairs:  # read x as int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1]), the pair one int4 byte multiplies
-        if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
-            x2 = x2.clone(memory_format=torch.contiguous_format)
-        x2 = x2.view(torch.int32)
     common = dict(BITS=bits, SIGNED=signed, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
                   ZERO_SHIFT=128 if signed else (8 if bits == 4 and zeros is None else 0),
-                  X_PAIRS=x_pairs, IS_BF16=x_dtype == torch.bfloat16)
+                  IS_BF16=x_dtype == torch.bfloat16)
     if zeros is not None and zeros.stride() != scales.stride():  # the kernels index both with scales' strides
         scales, zeros = scales.contiguous(), zeros.contiguous()
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
@@ -143,29 +160,44 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         return k_per_split, out if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
 
+    if M == 1 and _words_fit(qweight, K, bits):
+        w32 = qweight.view(torch.int32)  # [N, K/8] (int4) or [N, K/4] (int8): 8 or 4 codes per word
+        x_pairs = x_dtype != torch.float32  # 16-bit x read as int32 words [K/2], as in the GEMM
+        xv = x2[0]
+        if x_pairs:
+            xv = (xv if xv.stride(0) == 1 and xv.storage_offset() % 2 == 0 else xv.contiguous()).view(torch.int32)
+
+        def run_gemv(cfg: dict) -> torch.Tensor:
+            # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
+            block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
+            k_per_split, target = split_k(cfg)
+            counters = _counters(x2.device, triton.cdiv(N, cfg["BLOCK_N"])) if cfg["SPLIT_K"] > 1 else out
+            _qgemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+                xv, w32, scales, z, b, out, target, counters, N, K, group_size, k_per_split,
+                xv.stride(0), w32.stride(0), scales.stride(0), scales.stride(1),
+                SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg,
+                X_PAIRS=x_pairs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+            return out
+
+        return run_gemv(pick_config("qgemv", key, [config] if config is not None else gemv_configs(bits), run_gemv))
+
     def reduce(cfg: dict, target: torch.Tensor) -> torch.Tensor:
         if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
             _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
                                                                 HAS_BIAS=bias is not None, BLOCK=1024)
         return out
 
-    if M == 1:
-        def run_gemv(cfg: dict) -> torch.Tensor:
-            # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
-            block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
-            k_per_split, target = split_k(cfg)
-            _qgemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
-                x2, qweight, scales, z, b, target, N, K, group_size, k_per_split,
-                x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-                target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-1),
-                SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-            return reduce(cfg, target)
-
-        return run_gemv(pick_config("qgemv", key, [config] if config is not None else gemv_configs(), run_gemv))
+    x_pairs = bits == 4 and x2.dtype != torch.float32
+    if x_pairs:  # read x as int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1]), the pair one int4 byte multiplies
+        if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        x2 = x2.view(torch.int32)
+    common["X_PAIRS"] = x_pairs
 
     fp32_dot = x_dtype == torch.float32 or is_interpreter()  # bf16 tl.dot is wrong under the interpreter
+
+    # FOLD: 1.0 in the dot's dtype and where its top 4 mantissa bits start (a nibble there makes 1 + u/16)
+    fold_shift, fold_one = (19, 0x3F800000) if fp32_dot else ((3, 0x3F80) if x_dtype == torch.bfloat16 else (6, 0x3C00))
 
     def run_gemm(cfg: dict) -> torch.Tensor:
         cfg = _fit_block_k(cfg, group_size, K, min_block)  # a chunk never straddles a group
@@ -177,7 +209,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-2), target.stride(-1),
             SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
-            PRECISION="ieee" if fp32_dot else "tf32", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         return reduce(cfg, target)
 
@@ -255,7 +288,7 @@ INTERPRETER_MAX_STEPS = 8
 def _interpreter_steps(M: int, N: int, K: int) -> int:
     """Program steps (tiles x K chunks) of the interpreter's one config for an [M, K] x [K, N] product."""
     if M == 1:
-        c = gemv_configs()[0]
+        c = gemv_configs(4)[0]
         return triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(K, c["BLOCK_K"])
     c = gemm_configs(M)[0]
     return triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(K, c["BLOCK_K"])

@@ -62,69 +62,131 @@ def _load_x_pairs(x_ptr, k0, offs_j, offs_m, M, K, stride_xm, stride_xk, OUT: tl
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, group_size, k_per_split,
-                  stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_on,
+def _shifted_one(w, BYTE: tl.constexpr):
+    """Byte BYTE of each int32 word moved to bits [15, 23), OR-ed with 0x3F800000 (the exponent of 1.0)."""
+    SHIFT: tl.constexpr = 15 - 8 * BYTE
+    if SHIFT >= 0:
+        ws = w << SHIFT
+    else:
+        ws = w >> (-SHIFT)  # arithmetic shift: the sign copies land above bit 22 and are masked off
+    return ws | 0x3F800000
+
+
+@triton.jit
+def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr):
+    """int32 words -> (f_lo, f_hi) for code pair j of each word (int4: the nibbles of byte j; int8: bytes 2j,
+    2j+1): f = 1 + u·2^-8, except the int4 high nibble, f = 1 + u·2^-4. Bits only: one shift and one OR per
+    byte, one AND per code, each with a single immediate, since (a | ONE) & (MASK | ONE) = (a & MASK) | ONE."""
+    if BITS == 4:
+        wo = _shifted_one(w, j)
+        f_lo = wo & 0x3F878000  # low nibble at bits [15, 19) under 1.0
+        f_hi = wo & 0x3FF80000  # high nibble at bits [19, 23)
+    else:
+        f_lo = _shifted_one(w, 2 * j) & 0x3FFF8000  # the byte at bits [15, 23)
+        f_hi = _shifted_one(w, 2 * j + 1) & 0x3FFF8000
+    return f_lo.to(tl.float32, bitcast=True), f_hi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size, k_per_split,
+                  stride_xk, stride_wn, stride_sn, stride_sg,
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr):
-    """M = 1: y[n] = Σ_k x[k]·w[n, k] on the FMA units. Each step reads a [BLOCK_N, BLOCK_G, BLOCK_KG]
-    strip: BLOCK_G runs of BLOCK_KG codes, each run inside one group (its own scale), so one step can
-    read more bytes per row than a group holds -- more bytes in flight per warp, as bandwidth needs."""
-    PACK: tl.constexpr = 8 // BITS  # codes per stored byte
-    BLOCK_KGP: tl.constexpr = BLOCK_KG // PACK  # stored bytes per row per run
+    """M = 1: y[n] = Σ_g s[n,g]·(Σ_{k∈g} x_k·u[n,k] - (ZERO_SHIFT + z[n,g])·Σ_{k∈g} x_k) on the FMA units.
+    The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 1 + u·2^-p by
+    bit operations alone (_pair_codes); with x pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u, so per weight
+    only shift/LOP3 + one FMA remain; Σ x̃, Σ x, scales and zeros are applied once per group run.
+    A step reads [BLOCK_N, BLOCK_G, BLOCK_WG] words (BLOCK_G runs of BLOCK_KG codes, each inside one
+    group); the next step's words are loaded before this step's arithmetic (register double buffer).
+    Split-K: each program stores its fp32 partials, and the last of the SPLIT_K programs of a tile
+    (an atomic counter) sums them in a fixed order -- one launch, deterministic."""
+    CPW: tl.constexpr = 32 // BITS  # codes per int32 word
+    PAIRS: tl.constexpr = CPW // 2  # x pairs (one int32 word of a 16-bit x) per weight word
+    BLOCK_WG: tl.constexpr = BLOCK_KG // CPW  # words per row per run
     BLOCK_K: tl.constexpr = BLOCK_G * BLOCK_KG  # codes per row per step
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_g = tl.arange(0, BLOCK_G)
-    col = offs_g[:, None] * BLOCK_KGP + tl.arange(0, BLOCK_KGP)[None, :]  # [BLOCK_G, BLOCK_KGP] byte within the step
+    col = offs_g[:, None] * BLOCK_WG + tl.arange(0, BLOCK_WG)[None, :]  # [BLOCK_G, BLOCK_WG] word within the step
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn  # [BLOCK_N, 1, 1]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_start = pid_k * k_per_split
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
     k_end = tl.minimum(k_start + k_per_split, K)
+    kw_end = k_end // CPW
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    kw = k_start // CPW + col
+    if EVEN_K:  # a mask constant along K keeps the 16-byte vector loads (tl.where: `bool & scalar` trips the interpreter)
+        p = tl.load(w_rows + kw[None, :, :], mask=tl.where(k_start < k_end, n_mask, False)[:, None, None], other=0)
+    else:
+        p = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k0 = tl.multiple_of(k0, BLOCK_K)  # k_per_split is a multiple of BLOCK_K: tells the compiler 16-byte loads are aligned
-        # -- one contiguous strip of packed weights [BLOCK_N, BLOCK_G, BLOCK_KGP]: 16-byte loads per row
-        kp = tl.multiple_of(k0 // PACK, BLOCK_K // PACK) + col
+        k0 = tl.multiple_of(k0, BLOCK_K)  # k_per_split is a multiple of BLOCK_K: aligned 16-byte loads
+        # -- prefetch the next step's words: their latency overlaps this step's arithmetic
+        kw = (k0 + BLOCK_K) // CPW + col
         if EVEN_K:
-            p = tl.load(w_rows + kp[None, :, :] * stride_wk, mask=n_mask[:, None, None], other=0)
+            p_next = tl.load(w_rows + kw[None, :, :], mask=tl.where(k0 + BLOCK_K < k_end, n_mask, False)[:, None, None],
+                             other=0)
         else:
-            p = tl.load(w_rows + kp[None, :, :] * stride_wk,
-                        mask=n_mask[:, None, None] & (kp[None, :, :] < K // PACK), other=0)
-        # -- each run lies in one group: one scale (and zero) per row and run, [BLOCK_N, BLOCK_G]
-        g = (k0 + offs_g * BLOCK_KG) // group_size
-        sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg
-        s = tl.load(s_ptr + sz_offs, mask=n_mask[:, None], other=0).to(tl.float32)
-        if X_PAIRS:  # x as int32 words: word k0/2 + col holds the two activations of byte col
-            words = tl.load(x_ptr + (k0 // 2 + col) * stride_xk, mask=k0 // 2 + col < K // 2, other=0)
-            x_even, x_odd = _split_pairs(words, tl.float32, IS_BF16)
-        for t in tl.static_range(PACK):
-            q = _codes(p, t, BITS, SIGNED, ZERO_SHIFT)  # [BLOCK_N, BLOCK_G, BLOCK_KGP]
-            if X_PAIRS:
-                if t == 0:
-                    xs = x_even
+            p_next = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
+        run_k = k0 + offs_g * BLOCK_KG
+        g = run_k // group_size  # each run lies in one group
+        sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg  # [BLOCK_N, BLOCK_G]
+        sz_mask = n_mask[:, None] & (run_k < k_end)[None, :]  # runs past K (a ragged last step) have no group
+        s = tl.load(s_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32)
+        if SIGNED:  # int8 byte b = q mod 256: flipping each byte's top bit gives u = q + 128 (0x80808080)
+            p = p ^ -0x7F7F7F80
+        for j in tl.static_range(PAIRS):
+            xi = k0 // 2 + col * PAIRS + j  # x pair (x[2·xi], x[2·xi + 1]) of code pair j, [BLOCK_G, BLOCK_WG]
+            if X_PAIRS and EVEN_K:
+                x_lo, x_hi = _split_pairs(tl.load(x_ptr + xi * stride_xk), tl.float32, IS_BF16)
+            elif X_PAIRS:
+                words = tl.load(x_ptr + xi * stride_xk, mask=xi < K // 2, other=0)
+                x_lo, x_hi = _split_pairs(words, tl.float32, IS_BF16)
+            else:
+                x_lo = tl.load(x_ptr + 2 * xi * stride_xk, mask=2 * xi < K, other=0).to(tl.float32)
+                x_hi = tl.load(x_ptr + (2 * xi + 1) * stride_xk, mask=2 * xi + 1 < K, other=0).to(tl.float32)
+            f_lo, f_hi = _pair_codes(p, j, BITS)
+            # x̃ = x·2^p (p = 8, or 4 for the high nibble): Σ x̃·f = Σ x̃ + Σ x·u; and c = Σ (x̃ + ZERO_SHIFT·x)
+            if j == 0:
+                dot = f_lo * (x_lo * 256.0)[None, :, :]
+                c = x_lo * (256.0 + ZERO_SHIFT)
+            else:
+                dot += f_lo * (x_lo * 256.0)[None, :, :]
+                c += x_lo * (256.0 + ZERO_SHIFT)
+            if BITS == 4:
+                dot += f_hi * (x_hi * 16.0)[None, :, :]
+                c += x_hi * (16.0 + ZERO_SHIFT)
+            else:
+                dot += f_hi * (x_hi * 256.0)[None, :, :]
+                c += x_hi * (256.0 + ZERO_SHIFT)
+            if HAS_ZEROS:
+                if j == 0:
+                    x_sum = x_lo + x_hi
                 else:
-                    xs = x_odd
-            else:
-                xk = k0 + col * PACK + t
-                xs = tl.load(x_ptr + xk * stride_xk, mask=xk < K, other=0).to(tl.float32)
-            if t == 0:  # products of both nibbles summed elementwise (one FMA each), then one reduction
-                prod = q * xs[None, :, :]
-                x_sum = tl.sum(xs, axis=1)
-            else:
-                prod += q * xs[None, :, :]
-                x_sum += tl.sum(xs, axis=1)
-        part = tl.sum(prod, axis=2)  # Σ_j q·x per row and run, [BLOCK_N, BLOCK_G]
-        if HAS_ZEROS:  # Σ_j (q - z)·x = Σ_j q·x - z·Σ_j x: the zero point costs one FMA per row and run
-            part -= tl.load(z_ptr + sz_offs, mask=n_mask[:, None], other=0).to(tl.float32) * x_sum[None, :]
+                    x_sum += x_lo + x_hi
+        # -- per row and run: Σ x·q = Σ x̃·f - Σ (x̃ + ZERO_SHIFT·x)  (q = u - ZERO_SHIFT), minus z·Σ x
+        part = tl.sum(dot, axis=2) - tl.sum(c, axis=1)[None, :]  # [BLOCK_N, BLOCK_G]
+        if HAS_ZEROS:
+            part -= tl.load(z_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32) * tl.sum(x_sum, axis=1)[None, :]
         acc += tl.sum(part * s, axis=1)  # scale once per row and run, not once per weight
-    out_ptrs = out_ptr + pid_k * stride_os + offs_n * stride_on
+        p = p_next
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.store(out_ptrs, acc, mask=n_mask)  # fp32 partial sums, reduced by _splitk_reduce_kernel
+        tl.store(ws_ptr + pid_k * N + offs_n, acc, mask=n_mask)  # fp32 partials [SPLIT_K, N]
+        tl.debug_barrier()  # every thread's partials are written before the release below
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last program of this tile: sum the partials in split order
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + split * N + offs_n, mask=n_mask, other=0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # reset: the counters are zero again for the next launch
 
 
 @triton.jit
@@ -142,11 +204,28 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, 
 
 
 @triton.jit
+def _fold_codes(p, t: tl.constexpr, DOT: tl.constexpr, FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr):
+    """int4 nibble t of each stored byte -> f = 1 + u/16 *in the dot's dtype*, by bit operations only (exact):
+    the nibble becomes the top 4 mantissa bits (FOLD_SHIFT = mantissa bits - 4) under the exponent of 1.0."""
+    u = p.to(tl.int32)
+    SH: tl.constexpr = FOLD_SHIFT - 4 * t
+    if SH >= 0:
+        v = u << SH
+    else:
+        v = u >> (-SH)
+    v = (v & (0xF << FOLD_SHIFT)) | FOLD_ONE
+    if FOLD_SHIFT == 19:  # fp32
+        return v.to(tl.float32, bitcast=True)
+    return v.to(tl.int16).to(DOT, bitcast=True)  # bf16 / fp16: the low 16 bits are the value
+
+
+@triton.jit
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_size, k_per_split,
                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                  EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
+                  FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
     as the left operand (N fills the MMA's M slot, so M = 16 wastes nothing); optional split-K."""
@@ -174,16 +253,11 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
             p = tl.load(w_rows + kp[None, :] * stride_wk, mask=n_mask[:, None] & (kp[None, :] < K // PACK), other=0)
         g = k0 // group_size  # the chunk lies in one group
         s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        if HAS_ZEROS:  # (q - z)·s = q·s - z·s: one FMA per weight
+        if HAS_ZEROS:  # (q - z)·s = q·s - z·s: one FMA per weight (or per output, folded)
             zs = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32) * s
         if X_PAIRS:
             x_even, x_odd = _load_x_pairs(x_rows, k0, offs_j, local_m, rows_left, K, stride_xm, stride_xk, DOT, IS_BF16)
         for t in tl.static_range(PACK):
-            # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (q - z)·s, in the dot's dtype
-            w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT) * s[:, None]
-            if HAS_ZEROS:
-                w -= zs[:, None]
-            w = w.to(DOT)
             if X_PAIRS:
                 if t == 0:
                     xs = x_even
@@ -191,7 +265,34 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                     xs = x_odd
             else:
                 xs = _load_x(x_rows, k0, t, offs_j, local_m, rows_left, K, stride_xm, stride_xk, PACK, DOT)
-            acc = tl.dot(w, xs, acc, input_precision=PRECISION)
+            if FOLD:  # the chunk's codes as exact small numbers; scale and zero go on the chunk's product
+                if BITS == 4:
+                    w = _fold_codes(p, t, DOT, FOLD_SHIFT, FOLD_ONE)  # 1 + u/16
+                else:
+                    w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT).to(DOT)  # q, |q| <= 255: exact in bf16
+                if t == 0:
+                    part = tl.dot(w, xs, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], this chunk only
+                    x_sum = tl.sum(xs.to(tl.float32), axis=0)  # Σ_k x[m, k] over the chunk, [BLOCK_M]
+                else:
+                    part = tl.dot(w, xs, part, input_precision=PRECISION)
+                    x_sum += tl.sum(xs.to(tl.float32), axis=0)
+            else:
+                # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (q - z)·s, in the dot's dtype
+                w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT) * s[:, None]
+                if HAS_ZEROS:
+                    w -= zs[:, None]
+                acc = tl.dot(w.to(DOT), xs, acc, input_precision=PRECISION)
+        if FOLD:
+            # int4: Σ x·f = Σ x + Σ x·u/16, so Σ x·q = 16·part - (16 + ZERO_SHIFT)·Σ x; then ·s, minus z·s·Σ x
+            if BITS == 4:
+                c = s * (16 + ZERO_SHIFT)
+                s_part = s * 16.0
+            else:
+                c = s * 0.0
+                s_part = s
+            if HAS_ZEROS:
+                c += zs
+            acc += s_part[:, None] * part - c[:, None] * x_sum[None, :]
     out_mask = n_mask[:, None] & m_mask[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
     if SPLIT_K == 1:
@@ -203,31 +304,33 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
 
 
 # -- configs: ONE per path under the interpreter (big tiles: the interpreter pays per program, not per element)
-def gemv_configs() -> list[dict]:
-    """M = 1: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). No software pipeline here: the bytes in flight come
-    from resident warps, so wide steps (BLOCK_K spans several groups), split-K and small programs."""
+def gemv_configs(bits: int = 4) -> list[dict]:
+    """M = 1: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Bytes in flight come from many small programs (split-K)
+    and the register double buffer; rows per thread (BLOCK_N / rows per warp) amortize the x unpacking.
+    int8 steps are half as many codes (the same 16 words, 64 bytes, per row)."""
     if is_interpreter():
         return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
-    table = [(16, 256, 1, 4), (32, 256, 1, 4), (16, 512, 1, 4), (32, 512, 1, 8), (64, 256, 1, 8),
-             (16, 256, 2, 4), (16, 512, 2, 4), (32, 256, 2, 4), (16, 256, 4, 4), (8, 512, 2, 2),
-             (16, 128, 4, 2), (16, 1024, 1, 4), (32, 128, 1, 4)]
-    return [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=1) for n, k, s, w in table]
+    table = [(64, 128, 8, 2), (128, 128, 8, 2), (128, 128, 4, 2), (32, 128, 8, 1), (64, 128, 4, 1),
+             (128, 128, 8, 4), (128, 128, 16, 4), (64, 256, 4, 2), (64, 128, 2, 2)]
+    return [dict(BLOCK_N=n, BLOCK_K=k // (bits // 4), SPLIT_K=s, num_warps=w, num_stages=1) for n, k, s, w in table]
 
 
 def gemm_configs(M: int) -> list[dict]:
-    """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); M <= 16 is the skinny, GEMV-like
-    regime (one 16-row tile, split-K), larger M the tiled GEMM."""
+    """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, FOLD); M <= 16 is the skinny, GEMV-like
+    regime (one 16-row tile, split-K), larger M the tiled GEMM. FOLD = 1 applies scales per chunk to the
+    [BLOCK_N, BLOCK_M] product (cheap when BLOCK_M is small), FOLD = 0 per weight (cheap when it is large)."""
     if is_interpreter():
-        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1) if M <= 16 else
-                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1)]
+        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FOLD=1) if M <= 16 else
+                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=0)]
     if M <= 16:
-        table = [(16, 64, 128, 1, 4, 3), (16, 64, 128, 2, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 2, 8, 3),
-                 (16, 128, 64, 2, 4, 4), (16, 32, 128, 2, 4, 3), (16, 32, 128, 4, 4, 3), (16, 64, 64, 4, 4, 4)]
+        table = [(16, 64, 128, 2, 4, 3, 1), (16, 64, 128, 4, 4, 3, 1), (16, 128, 128, 2, 8, 3, 1), (16, 128, 128, 1, 4, 3, 1),
+                 (16, 64, 128, 1, 4, 4, 1), (16, 32, 128, 4, 4, 3, 1), (16, 128, 64, 2, 4, 4, 1), (16, 64, 128, 4, 4, 3, 0)]
     else:
-        table = [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (64, 64, 64, 1, 4, 4), (32, 128, 128, 1, 4, 3),
-                 (64, 256, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (128, 64, 128, 1, 4, 3), (64, 128, 128, 1, 8, 3),
-                 (32, 128, 64, 2, 4, 4)]
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st) for m, n, k, s, w, st in table]
+        table = [(64, 128, 64, 1, 4, 3, 0), (128, 128, 64, 1, 8, 3, 0), (64, 64, 128, 1, 4, 3, 1), (64, 128, 128, 1, 4, 3, 1),
+                 (64, 256, 64, 1, 8, 3, 0), (128, 256, 64, 1, 8, 3, 0), (128, 128, 64, 1, 8, 4, 0), (64, 128, 128, 1, 8, 3, 0),
+                 (32, 128, 128, 1, 4, 4, 1)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f)
+            for m, n, k, s, w, st, f in table]
 
 
 if __name__ == "__main__":
@@ -238,7 +341,7 @@ if __name__ == "__main__":
     from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
     from mlsys_ref.testing import max_error
 
-    print("GEMV configs (M = 1):", gemv_configs()[:3], "...")
+    print("GEMV configs (M = 1):", gemv_configs(4)[:3], "...")
     for M in (16, 256):
         print(f"tiled configs (M = {M}):", gemm_configs(M)[:2], "...")
     torch.manual_seed(0)

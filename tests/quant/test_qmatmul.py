@@ -17,7 +17,7 @@ def one_config(monkeypatch, request):
     if "autotuned" in request.node.name:
         return
     gemv_configs, gemm_configs = qmatmul.gemv_configs, qmatmul.gemm_configs
-    monkeypatch.setattr(qmatmul, "gemv_configs", lambda: gemv_configs()[:1])
+    monkeypatch.setattr(qmatmul, "gemv_configs", lambda bits=4: gemv_configs(bits)[:1])
     monkeypatch.setattr(qmatmul, "gemm_configs", lambda M: gemm_configs(M)[:1])
 
 
