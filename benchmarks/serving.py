@@ -272,7 +272,10 @@ def bench_batch1_decode(model, args):
         engine = make_engine(model, args, 1, 32 + n, graphs=graphs, mixed=graphs, max_num_batched_tokens=64,
                              compile_decode=compile)
         run_engine(engine, [prompt], [8], args.device)
+        profile = StepProfile(engine) if args.profile else None
         seconds, results, _ = run_engine(engine, [prompt], [n], args.device)
+        if profile is not None:
+            print(f"   per-step time split (batch 1, graphs {graphs}, compile {compile}):\n" + profile.close())
         tpot = latency(results)["tpot_ms_p50"]
         label = "eager" if engine.runner.graphs is None else "CUDA graphs + torch.compile" if compile else "CUDA graphs"
         add_row(f"engine batch-1 ({label})", "1", 1, n, seconds, tpot_ms_p50=tpot,
