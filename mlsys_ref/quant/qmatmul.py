@@ -47,8 +47,8 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl, triton
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
-from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, gemm_configs, gemv_configs
-from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
+from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, nibble_ptx
+from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, pick_config
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "use_kernels",
            "kernel_applies"]
@@ -160,62 +160,67 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         return k_per_split, out if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
 
-    if M == 1 and _words_fit(qweight, K, bits):
+    gemv = M == 1 and _words_fit(qweight, K, bits)
+    if gemv:
         w32 = qweight.view(torch.int32)  # [N, K/8] (int4) or [N, K/4] (int8): 8 or 4 codes per word
-        x_pairs = x_dtype != torch.float32  # 16-bit x read as int32 words [K/2], as in the GEMM
-        xv = x2[0]
-        if x_pairs:
+        xv = x2[0]  # 16-bit x read as int32 words [K/2], as in the GEMM
+        if x_dtype != torch.float32:
             xv = (xv if xv.stride(0) == 1 and xv.storage_offset() % 2 == 0 else xv.contiguous()).view(torch.int32)
 
-        def run_gemv(cfg: dict) -> torch.Tensor:
-            # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
-            block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
-            k_per_split, target = split_k(cfg)
-            counters = _counters(x2.device, triton.cdiv(N, cfg["BLOCK_N"])) if cfg["SPLIT_K"] > 1 else out
-            _qgemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
-                xv, w32, scales, z, b, out, target, counters, N, K, group_size, k_per_split,
-                xv.stride(0), w32.stride(0), scales.stride(0), scales.stride(1),
-                SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg,
-                X_PAIRS=x_pairs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-            return out
-
-        return run_gemv(pick_config("qgemv", key, [config] if config is not None else gemv_configs(bits), run_gemv))
-
-    def reduce(cfg: dict, target: torch.Tensor) -> torch.Tensor:
-        if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
-            _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
-                                                                HAS_BIAS=bias is not None, BLOCK=1024)
+    def run_gemv(cfg: dict) -> torch.Tensor:
+        # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
+        block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
+        k_per_split, target = split_k(cfg)
+        counters = _counters(x2.device, triton.cdiv(N, cfg["BLOCK_N"])) if cfg["SPLIT_K"] > 1 else out
+        _qgemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+            xv, w32, scales, z, b, out, target, counters, N, K, group_size, k_per_split,
+            xv.stride(0), w32.stride(0), scales.stride(0), scales.stride(1),
+            SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=cfg["num_stages"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg, X_PAIRS=x_dtype != torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         return out
 
-    x_pairs = bits == 4 and x2.dtype != torch.float32
-    if x_pairs:  # read x as int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1]), the pair one int4 byte multiplies
-        if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
-            x2 = x2.clone(memory_format=torch.contiguous_format)
-        x2 = x2.view(torch.int32)
-    common["X_PAIRS"] = x_pairs
-
+    xg = x2
+    if bits == 4 and x_dtype != torch.float32:  # int32 words [M, K/2]: word j = (x[:, 2j], x[:, 2j+1])
+        if xg.stride(1) != 1 or xg.stride(0) % 2 or xg.storage_offset() % 2:
+            xg = xg.clone(memory_format=torch.contiguous_format)
+        xg = xg.view(torch.int32)
     fp32_dot = x_dtype == torch.float32 or is_interpreter()  # bf16 tl.dot is wrong under the interpreter
-
     # FOLD: 1.0 in the dot's dtype and where its top 4 mantissa bits start (a nibble there makes 1 + u/16)
     fold_shift, fold_one = (19, 0x3F800000) if fp32_dot else ((3, 0x3F80) if x_dtype == torch.bfloat16 else (6, 0x3C00))
+    # inline PTX for the int4 codes: GPU, 16-bit x; the scaled variant also needs scales exact in x's dtype
+    use_asm = bits == 4 and not fp32_dot
+    asm_q = nibble_ptx(x_dtype, common["ZERO_SHIFT"], scaled=False) if use_asm else ""
+    asm_w = nibble_ptx(x_dtype, common["ZERO_SHIFT"], scaled=True) if use_asm and zeros is None and scales.dtype == x_dtype else ""
 
     def run_gemm(cfg: dict) -> torch.Tensor:
         cfg = _fit_block_k(cfg, group_size, K, min_block)  # a chunk never straddles a group
         k_per_split, target = split_k(cfg)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        asm = cfg.get("ASM", 1)
         _qgemm_kernel[grid](
-            x2, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            xg, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
+            xg.stride(0), xg.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-2), target.stride(-1),
-            SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
+            SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, X_PAIRS=xg.dtype == torch.int32,
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
             PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            ASM_Q=asm_q if asm else "", ASM_W=asm_w if asm else "", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-        return reduce(cfg, target)
+        if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
+            _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
+                                                                HAS_BIAS=bias is not None, BLOCK=1024)
+        return out
 
-    candidates = [config] if config is not None else _unique(_fit_block_k(c, group_size, K, min_block) for c in gemm_configs(M))
-    return run_gemm(pick_config("qgemm", key, candidates, run_gemm))
+    def run(cfg: dict) -> torch.Tensor:  # a config naming BLOCK_M is a tensor-core (GEMM) config, even at M = 1
+        return run_gemm(cfg) if "BLOCK_M" in cfg or not gemv else run_gemv(cfg)
+
+    if config is not None:
+        candidates = [config]
+    else:  # M = 1: the FMA GEMV and the 16-row tensor-core kernel compete
+        candidates = _unique(_fit_block_k(c, group_size, K, min_block) for c in gemm_configs(M))
+        candidates = (gemv_configs(bits) + candidates[:2]) if gemv else candidates
+    return run(pick_config("qmm", key, candidates, run))
 
 
 class _QuantMatmul(torch.autograd.Function):

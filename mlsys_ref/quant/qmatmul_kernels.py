@@ -13,7 +13,9 @@ Three tricks to notice, each spelled out where it happens:
 
 from __future__ import annotations
 
-from mlsys_ref.backend import is_interpreter, tl, triton
+import torch
+
+from mlsys_ref.backend import tl, triton
 
 
 @triton.jit
@@ -33,12 +35,12 @@ def _codes(p, t: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, ZERO_SH
 @triton.jit
 def _split_pairs(words, OUT: tl.constexpr, IS_BF16: tl.constexpr):
     """int32 words holding x[2j] (low 16 bits) and x[2j+1] (high 16 bits) -> (x_even, x_odd) in OUT."""
-    if IS_BF16:
+    if IS_BF16 and OUT == tl.float32:
         even = (words << 16).to(tl.float32, bitcast=True)  # a bf16 moved to the top half is that fp32
         odd = (words & -65536).to(tl.float32, bitcast=True)
-    else:
-        even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-        odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:  # the 16-bit halves as they are (no float conversion when OUT is x's own dtype)
+        even = (words & 0xFFFF).to(tl.int16).to(tl.bfloat16 if IS_BF16 else tl.float16, bitcast=True)
+        odd = (words >> 16).to(tl.int16).to(tl.bfloat16 if IS_BF16 else tl.float16, bitcast=True)
     return even.to(OUT), odd.to(OUT)
 
 
@@ -92,7 +94,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
                   stride_xk, stride_wn, stride_sn, stride_sg,
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr):
+                  EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_KG: tl.constexpr):
     """M = 1: y[n] = Σ_g s[n,g]·(Σ_{k∈g} x_k·u[n,k] - (ZERO_SHIFT + z[n,g])·Σ_{k∈g} x_k) on the FMA units.
     The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 1 + u·2^-p by
     bit operations alone (_pair_codes); with x pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u, so per weight
@@ -115,20 +118,28 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
     k_end = tl.minimum(k_start + k_per_split, K)
     kw_end = k_end // CPW
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    kw = k_start // CPW + col
-    if EVEN_K:  # a mask constant along K keeps the 16-byte vector loads (tl.where: `bool & scalar` trips the interpreter)
-        p = tl.load(w_rows + kw[None, :, :], mask=tl.where(k_start < k_end, n_mask, False)[:, None, None], other=0)
-    else:
-        p = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k0 = tl.multiple_of(k0, BLOCK_K)  # k_per_split is a multiple of BLOCK_K: aligned 16-byte loads
-        # -- prefetch the next step's words: their latency overlaps this step's arithmetic
-        kw = (k0 + BLOCK_K) // CPW + col
-        if EVEN_K:
-            p_next = tl.load(w_rows + kw[None, :, :], mask=tl.where(k0 + BLOCK_K < k_end, n_mask, False)[:, None, None],
-                             other=0)
+    if STAGES == 1:  # register double buffer: the first step's words now, each next step's during this one
+        kw = k_start // CPW + col
+        if EVEN_K:  # a mask constant along K keeps the 16-byte vector loads (tl.where: `bool & scalar` trips the interpreter)
+            p_next = tl.load(w_rows + kw[None, :, :], mask=tl.where(k_start < k_end, n_mask, False)[:, None, None], other=0)
         else:
             p_next = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipeline
+        k0 = tl.multiple_of(k0, BLOCK_K)  # k_per_split is a multiple of BLOCK_K: aligned 16-byte loads
+        if STAGES == 1:
+            p = p_next
+            kw = (k0 + BLOCK_K) // CPW + col
+            if EVEN_K:
+                p_next = tl.load(w_rows + kw[None, :, :], mask=tl.where(k0 + BLOCK_K < k_end, n_mask, False)[:, None, None],
+                                 other=0)
+            else:
+                p_next = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
+        else:
+            kw = k0 // CPW + col
+            if EVEN_K:
+                p = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None], other=0)
+            else:
+                p = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
         run_k = k0 + offs_g * BLOCK_KG
         g = run_k // group_size  # each run lies in one group
         sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg  # [BLOCK_N, BLOCK_G]
@@ -170,7 +181,6 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
         if HAS_ZEROS:
             part -= tl.load(z_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32) * tl.sum(x_sum, axis=1)[None, :]
         acc += tl.sum(part * s, axis=1)  # scale once per row and run, not once per weight
-        p = p_next
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
@@ -225,7 +235,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
-                  FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr,
+                  FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM_Q: tl.constexpr, ASM_W: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
     as the left operand (N fills the MMA's M slot, so M = 16 wastes nothing); optional split-K."""
@@ -257,6 +267,13 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
             zs = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32) * s
         if X_PAIRS:
             x_even, x_odd = _load_x_pairs(x_rows, k0, offs_j, local_m, rows_left, K, stride_xm, stride_xk, DOT, IS_BF16)
+        if FOLD and ASM_Q != "":  # exact codes q of both nibbles, two per register (nibble_ptx)
+            q_even, q_odd = tl.inline_asm_elementwise(ASM_Q, "=r,=r,r", [p], dtype=(tl.int16, tl.int16), is_pure=True,
+                                                      pack=2)
+        if not FOLD and ASM_W != "":  # dequantized q·s of both nibbles (symmetric), two per register
+            s_b = tl.broadcast_to(s.to(DOT)[:, None], [BLOCK_N, BLOCK_KP])
+            q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,r,r", [p, s_b], dtype=(tl.int16, tl.int16),
+                                                      is_pure=True, pack=2)
         for t in tl.static_range(PACK):
             if X_PAIRS:
                 if t == 0:
@@ -265,34 +282,46 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                     xs = x_odd
             else:
                 xs = _load_x(x_rows, k0, t, offs_j, local_m, rows_left, K, stride_xm, stride_xk, PACK, DOT)
-            if FOLD:  # the chunk's codes as exact small numbers; scale and zero go on the chunk's product
-                if BITS == 4:
-                    w = _fold_codes(p, t, DOT, FOLD_SHIFT, FOLD_ONE)  # 1 + u/16
-                else:
-                    w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT).to(DOT)  # q, |q| <= 255: exact in bf16
+            if ASM_Q != "" or ASM_W != "":  # the inline-PTX codes (or weights), bf16/fp16 bit patterns
                 if t == 0:
-                    part = tl.dot(w, xs, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], this chunk only
-                    x_sum = tl.sum(xs.to(tl.float32), axis=0)  # Σ_k x[m, k] over the chunk, [BLOCK_M]
+                    w = q_even.to(DOT, bitcast=True)
                 else:
-                    part = tl.dot(w, xs, part, input_precision=PRECISION)
-                    x_sum += tl.sum(xs.to(tl.float32), axis=0)
+                    w = q_odd.to(DOT, bitcast=True)
+            elif FOLD and BITS == 4:
+                w = _fold_codes(p, t, DOT, FOLD_SHIFT, FOLD_ONE)  # 1 + u/16
+            elif FOLD:
+                w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT).to(DOT)  # q, |q| <= 255: exact in bf16
             else:
                 # -- dequantize in registers: W tile [BLOCK_N, BLOCK_KP] = (q - z)·s, in the dot's dtype
                 w = _codes(p, t, BITS, SIGNED, ZERO_SHIFT) * s[:, None]
                 if HAS_ZEROS:
                     w -= zs[:, None]
-                acc = tl.dot(w.to(DOT), xs, acc, input_precision=PRECISION)
+                w = w.to(DOT)
+            if FOLD:  # scale and zero go on the chunk's product
+                if t == 0:
+                    part = tl.dot(w, xs, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], this chunk only
+                else:
+                    part = tl.dot(w, xs, part, input_precision=PRECISION)
+                if HAS_ZEROS or (BITS == 4 and ASM_Q == ""):
+                    if t == 0:
+                        x_sum = tl.sum(xs.to(tl.float32), axis=0)  # Σ_k x[m, k] over the chunk, [BLOCK_M]
+                    else:
+                        x_sum += tl.sum(xs.to(tl.float32), axis=0)
+            else:
+                acc = tl.dot(w, xs, acc, input_precision=PRECISION)
         if FOLD:
-            # int4: Σ x·f = Σ x + Σ x·u/16, so Σ x·q = 16·part - (16 + ZERO_SHIFT)·Σ x; then ·s, minus z·s·Σ x
-            if BITS == 4:
+            if BITS == 4 and ASM_Q == "":  # w = 1 + u/16: Σ x·q = 16·part - (16 + ZERO_SHIFT)·Σ x
                 c = s * (16 + ZERO_SHIFT)
                 s_part = s * 16.0
-            else:
+            else:  # w = q
                 c = s * 0.0
                 s_part = s
             if HAS_ZEROS:
                 c += zs
-            acc += s_part[:, None] * part - c[:, None] * x_sum[None, :]
+            if HAS_ZEROS or (BITS == 4 and ASM_Q == ""):
+                acc += s_part[:, None] * part - c[:, None] * x_sum[None, :]
+            else:
+                acc += s_part[:, None] * part
     out_mask = n_mask[:, None] & m_mask[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
     if SPLIT_K == 1:
@@ -303,34 +332,31 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
         tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partial sums, reduced by _splitk_reduce_kernel
 
 
-# -- configs: ONE per path under the interpreter (big tiles: the interpreter pays per program, not per element)
-def gemv_configs(bits: int = 4) -> list[dict]:
-    """M = 1: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Bytes in flight come from many small programs (split-K)
-    and the register double buffer; rows per thread (BLOCK_N / rows per warp) amortize the x unpacking.
-    int8 steps are half as many codes (the same 16 words, 64 bytes, per row)."""
-    if is_interpreter():
-        return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
-    table = [(64, 128, 8, 2), (128, 128, 8, 2), (128, 128, 4, 2), (32, 128, 8, 1), (64, 128, 4, 1),
-             (128, 128, 8, 4), (128, 128, 16, 4), (64, 256, 4, 2), (64, 128, 2, 2)]
-    return [dict(BLOCK_N=n, BLOCK_K=k // (bits // 4), SPLIT_K=s, num_warps=w, num_stages=1) for n, k, s, w in table]
+# -- inline PTX (GPU only), built per dtype by the launcher and passed in as a constexpr string
+_NIBBLE_PTX = """{{
+    .reg .b32 t, v, a, b;
+    mov.b32 a, {sixteen};
+    mov.b32 b, {offset};
+    prmt.b32 t, $2, 0, 0x4140;
+    {lo} v, t, {s_lo}; lop3.b32 v, v, {mask}, {one}, 0xea; fma.rn.{ty} $0, v, a, b;{scale_lo}
+    {hi} v, t, {s_hi}; lop3.b32 v, v, {mask}, {one}, 0xea; fma.rn.{ty} $1, v, a, b;{scale_hi}
+}}"""
 
 
-def gemm_configs(M: int) -> list[dict]:
-    """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, FOLD); M <= 16 is the skinny, GEMV-like
-    regime (one 16-row tile, split-K), larger M the tiled GEMM. FOLD = 1 applies scales per chunk to the
-    [BLOCK_N, BLOCK_M] product (cheap when BLOCK_M is small), FOLD = 0 per weight (cheap when it is large)."""
-    if is_interpreter():
-        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FOLD=1) if M <= 16 else
-                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=0)]
-    if M <= 16:
-        table = [(16, 64, 128, 2, 4, 3, 1), (16, 64, 128, 4, 4, 3, 1), (16, 128, 128, 2, 8, 3, 1), (16, 128, 128, 1, 4, 3, 1),
-                 (16, 64, 128, 1, 4, 4, 1), (16, 32, 128, 4, 4, 3, 1), (16, 128, 64, 2, 4, 4, 1), (16, 64, 128, 4, 4, 3, 0)]
-    else:
-        table = [(64, 128, 64, 1, 4, 3, 0), (128, 128, 64, 1, 8, 3, 0), (64, 64, 128, 1, 4, 3, 1), (64, 128, 128, 1, 4, 3, 1),
-                 (64, 256, 64, 1, 8, 3, 0), (128, 256, 64, 1, 8, 3, 0), (128, 128, 64, 1, 8, 4, 0), (64, 128, 128, 1, 8, 3, 0),
-                 (32, 128, 128, 1, 4, 4, 1)]
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f)
-            for m, n, k, s, w, st, f in table]
+def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool) -> str:
+    """Inline PTX for the GEMM (GPU only): 2 stored bytes -> the codes q = u - zero_shift of their 4 nibbles as
+    two bf16x2/f16x2 registers (even nibbles, odd nibbles), or q·s when ``scaled`` (s in the 3rd operand).
+    PRMT spreads the bytes into the two halves of a register; one shift and one LOP3 put a nibble under the
+    exponent of 1.0 (f = 1 + u/16); one packed FMA, f·16 - (16 + zero_shift), gives q exactly: ~1.75
+    instructions per weight instead of ~6 for unpacked integer-to-float conversion."""
+    bf16 = dtype == torch.bfloat16
+    value = (lambda v: torch.tensor([v, v], dtype=dtype).view(torch.int32).item() & 0xFFFFFFFF)
+    return _NIBBLE_PTX.format(
+        sixteen=f"0x{value(16.0):08X}", offset=f"0x{value(-16.0 - zero_shift):08X}", ty="bf16x2" if bf16 else "f16x2",
+        lo="shl.b32", s_lo=3 if bf16 else 6, hi="shr.u32" if bf16 else "shl.b32", s_hi=1 if bf16 else 2,
+        mask="0x00780078" if bf16 else "0x03C003C0", one="0x3F803F80" if bf16 else "0x3C003C00",
+        scale_lo=f" mul.rn.{'bf16x2' if bf16 else 'f16x2'} $0, $0, $3;" if scaled else "",
+        scale_hi=f" mul.rn.{'bf16x2' if bf16 else 'f16x2'} $1, $1, $3;" if scaled else "")
 
 
 if __name__ == "__main__":
@@ -339,6 +365,7 @@ if __name__ == "__main__":
     from mlsys_ref.backend import default_device
     from mlsys_ref.quant.linear import QuantizedLinear
     from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
+    from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs
     from mlsys_ref.testing import max_error
 
     print("GEMV configs (M = 1):", gemv_configs(4)[:3], "...")

@@ -19,7 +19,7 @@ import torch
 
 from mlsys_ref.backend import is_interpreter
 
-__all__ = ["pick_config", "tuned_configs", "m_bucket"]
+__all__ = ["pick_config", "tuned_configs", "m_bucket", "gemv_configs", "gemm_configs"]
 
 _BEST: dict[Hashable, dict] = {}  # (kernel name, key) -> the winning config
 
@@ -68,6 +68,39 @@ def pick_config(name: str, key: Hashable, candidates: Sequence[dict], launch: Ca
 def tuned_configs() -> dict[Hashable, dict]:
     """What the tuner chose so far (benchmarks print it)."""
     return dict(_BEST)
+
+
+# -- configs: ONE per path under the interpreter (big tiles: the interpreter pays per program, not per element)
+def gemv_configs(bits: int = 4) -> list[dict]:
+    """M = 1: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). The GEMV is latency-bound: bytes in flight come
+    from many programs (split-K) and from prefetching, either the register double buffer (num_stages = 1) or
+    Triton's cp.async pipeline (num_stages > 1); rows per thread amortize the x unpacking. int8 steps are half
+    as many codes (the same 16 words, 64 bytes, per row)."""
+    if is_interpreter():
+        return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
+    table = [(128, 128, 16, 4, 1), (64, 128, 8, 2, 1), (64, 128, 4, 2, 3), (128, 128, 8, 4, 3), (64, 128, 8, 2, 3),
+             (32, 128, 8, 1, 3), (64, 256, 8, 2, 3), (128, 128, 4, 4, 4), (64, 128, 4, 2, 4), (128, 256, 8, 4, 2)]
+    return [dict(BLOCK_N=n, BLOCK_K=k // (bits // 4), SPLIT_K=s, num_warps=w, num_stages=st) for n, k, s, w, st in table]
+
+
+def gemm_configs(M: int) -> list[dict]:
+    """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, FOLD, ASM); M <= 16 is the skinny,
+    GEMV-like regime (one 16-row tile, split-K), larger M the tiled GEMM. FOLD = 1: exact codes in the dot,
+    scales applied per chunk to the [BLOCK_N, BLOCK_M] product (cheap when BLOCK_M is small); FOLD = 0: scales
+    per weight (cheap when BLOCK_M is large). ASM = 1: int4 codes by inline PTX (GPU, 16-bit x; see nibble_ptx)."""
+    if is_interpreter():
+        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FOLD=1, ASM=0) if M <= 16
+                else dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=0, ASM=0)]
+    if M <= 16:
+        table = [(16, 64, 128, 2, 4, 3, 1, 1), (16, 64, 128, 4, 4, 3, 1, 1), (16, 128, 128, 2, 8, 3, 1, 1),
+                 (16, 128, 128, 1, 4, 3, 1, 1), (16, 64, 128, 1, 4, 4, 1, 1), (16, 32, 128, 4, 4, 3, 1, 1),
+                 (16, 128, 64, 2, 4, 4, 1, 1), (16, 64, 128, 4, 4, 3, 0, 1), (16, 64, 128, 4, 4, 3, 1, 0)]
+    else:
+        table = [(128, 128, 64, 1, 8, 3, 0, 1), (128, 256, 64, 1, 8, 3, 0, 1), (64, 128, 64, 1, 4, 3, 0, 1),
+                 (128, 128, 64, 1, 8, 4, 0, 1), (64, 256, 64, 1, 8, 3, 0, 1), (128, 128, 128, 1, 8, 3, 0, 1),
+                 (64, 128, 128, 1, 4, 3, 1, 1), (128, 128, 64, 1, 8, 3, 0, 0), (64, 128, 64, 1, 4, 3, 0, 0)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f, ASM=a)
+            for m, n, k, s, w, st, f, a in table]
 
 
 if __name__ == "__main__":

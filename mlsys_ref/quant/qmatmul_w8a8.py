@@ -45,24 +45,31 @@ def _round_half_even(v):
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, stride_qk,
-                               BLOCK_K: tl.constexpr):
+                               ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
-    # -- pass 1: Δx = max_k |x[row, k]| / 127
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        v = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
+    x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * stride_qm
+    if ONE_PASS:  # BLOCK_K >= K: the whole row is read once and stays in registers
+        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        amax = tl.abs(v)
+    else:  # -- pass 1: Δx = max_k |x[row, k]| / 127
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * stride_xk, mask=k < K, other=0).to(tl.float32)))
     scale = tl.math.div_rn(tl.max(amax, axis=0), 127.0)
     scale = tl.where(scale > 0, scale, 1.0)  # an all-zero token: any scale is exact
     tl.store(s_ptr + row, scale)
-    # -- pass 2: Xq = clamp(round(x / Δx), -128, 127) (the row is re-read from L2)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        v = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0).to(tl.float32)
+    # -- pass 2: Xq = clamp(round(x / Δx), -128, 127)
+    if ONE_PASS:
         code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)), -128.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + k * stride_qk, code.to(tl.int8), mask=k < K)
+        tl.store(q_row + offs * stride_qk, code.to(tl.int8), mask=offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            v = tl.load(x_row + k * stride_xk, mask=k < K, other=0).to(tl.float32)  # re-read (from L2)
+            code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)), -128.0), 127.0)
+            tl.store(q_row + k * stride_qk, code.to(tl.int8), mask=k < K)
 
 
 @triton.jit
@@ -102,7 +109,8 @@ def _gemm_configs() -> list[dict]:
     if is_interpreter():
         return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)]
     table = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
-             (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 64, 256, 4, 4)]
+             (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 64, 256, 4, 4),
+             (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (64, 128, 256, 4, 3)]
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in table]
 
 
@@ -128,9 +136,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(x2.shape, device=x.device, dtype=torch.int8)
     s = torch.empty(x2.shape[0], 1, device=x.device, dtype=torch.float32)
     if x2.shape[0]:
-        block = 256 if is_interpreter() else min(4096, triton.next_power_of_2(K))
+        # one pass (the row in registers) up to 16K elements on the GPU; the interpreter pays per element
+        block = min(256 if is_interpreter() else 16384, triton.next_power_of_2(K))
         _quantize_per_token_kernel[(x2.shape[0],)](x2, q, s, K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
-                                                    BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+                                                    ONE_PASS=block >= K, BLOCK_K=block,
+                                                    num_warps=max(4, min(16, block // 1024)))
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 

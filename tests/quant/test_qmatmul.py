@@ -75,13 +75,36 @@ def test_fractional_zero_points(device, bits, M):
     check(torch.randn(M, 128, device=device), ql)
 
 
-@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("split", [1, 3, 4])
 @pytest.mark.parametrize("M", [1, 16])
 def test_gemv_split_k_and_tiles(device, split, M):
-    """Both epilogues of the GEMV (direct store, fp32 workspace + reduction), with a bias."""
+    """Both epilogues of the GEMV (direct store; split-K partials summed by the last program) and of the GEMM
+    (fp32 workspace + reduction), with a bias; M = 1 also through the GEMM (a config naming BLOCK_M)."""
     ql = make_layer(70, 256, 4, 64, True, device, bias=True, scale_dtype=torch.float16)
-    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=2)  # GEMV ignores BLOCK_M
+    config = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=2)
+    if M > 1 or split == 3:
+        config["BLOCK_M"] = 16
     check(torch.randn(M, 256, device=device, dtype=torch.float16), ql, config=config, bias=ql.bias.half())
+    if M == 1:  # the GEMV's split-K counters are back at zero after a launch: a second call is right too
+        check(torch.randn(M, 256, device=device, dtype=torch.float16), ql, config=config, bias=ql.bias.half())
+
+
+@pytest.mark.parametrize("even_k", [True, False])
+def test_gemv_pipelined_loop(device, even_k):
+    """The GEMV with Triton's pipelined loop (num_stages > 1) instead of the register double buffer."""
+    K = 256 if even_k else 288
+    ql = make_layer(37, K, 4, 32, False, device)
+    config = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3)
+    check(torch.randn(1, K, device=device, dtype=torch.float16), ql, config=config)
+
+
+@pytest.mark.parametrize("fold", [0, 1])
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_gemm_fold_and_per_weight_scales(device, fold, bits, symmetric):
+    """Both GEMM variants: scales per weight (FOLD=0) and exact codes with scales on the chunk product (FOLD=1)."""
+    ql = make_layer(45, 160, bits, 32, symmetric, device)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=fold)
+    check(torch.randn(20, 160, device=device, dtype=torch.float16), ql, config=config)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "odd_offset"])
@@ -165,6 +188,18 @@ def test_quantized_linear_dispatch(device):
 def test_gpu_bf16_large(bits, group, symmetric, M, N, K):
     ql = make_layer(N, K, bits, group, symmetric, "cuda", scale_dtype=torch.bfloat16)
     check(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), ql)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fold,asm", [(1, 1), (0, 1), (1, 0)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gpu_int4_inline_ptx_variants(dtype, fold, asm, symmetric):
+    """The inline-PTX int4 codes (GPU only) in both GEMM variants, bf16 and fp16, scales in x's dtype."""
+    ql = make_layer(1000, 1024, 4, 128, symmetric, "cuda", scale_dtype=dtype)
+    config = dict(BLOCK_M=16 if fold else 64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3,
+                  FOLD=fold, ASM=asm)
+    check(torch.randn(37, 1024, device="cuda", dtype=dtype), ql, config=config)
 
 
 @pytest.mark.gpu
