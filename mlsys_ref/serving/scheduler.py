@@ -142,18 +142,20 @@ class Scheduler:
     def schedule(self) -> Batch:
         """Build this step's batch: running decodes, then running prefills, then new admissions."""
         batch, budget = Batch(), self.max_num_batched_tokens
+        chunks, bm, running = batch.chunks, self.block_manager, Status.RUNNING
         scheduled: set[int] = set()
-        decodes = [s for s in self.running if s.num_uncomputed == 1]
-        prefills = [s for s in self.running if s.num_uncomputed > 1]
+        decodes, prefills = [], []
+        for seq in self.running:  # one pass, no per-sequence property calls: this loop runs every step
+            (decodes if len(seq.token_ids) - seq.num_computed == 1 else prefills).append(seq)
         for seq in decodes + prefills:
-            if seq.status is not Status.RUNNING:
+            if seq.status is not running:
                 continue  # preempted earlier in this loop
-            if budget == 0 or len(batch.chunks) == self.max_num_seqs:
+            if budget == 0 or len(chunks) == self.max_num_seqs:
                 break
             # -- room in the cache for the tokens that have no slot yet (the last sampled one)
             while seq.num_slots < len(seq.token_ids):
-                if self.block_manager.can_append(seq.seq_id):
-                    self.block_manager.append_slot(seq.seq_id, seq.token_ids[seq.num_slots])
+                if bm.can_append(seq.seq_id):
+                    bm.append_slot(seq.seq_id, seq.token_ids[seq.num_slots])
                     seq.num_slots += 1
                     continue
                 victim = self.running[-1]  # the most recent request; never one already scheduled
@@ -161,12 +163,13 @@ class Scheduler:
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
-            if seq.status is not Status.RUNNING:
+            if seq.status is not running:
                 continue
-            end = seq.num_computed + min(seq.num_uncomputed, budget)
-            batch.chunks.append(Chunk(seq, seq.num_computed, end))
+            start = seq.num_computed
+            end = start + min(len(seq.token_ids) - start, budget)
+            chunks.append(Chunk(seq, start, end))
             scheduled.add(seq.seq_id)
-            budget -= end - seq.num_computed
+            budget -= end - start
         # -- admit waiting requests in arrival order while their blocks and the budget allow
         while self.waiting and budget > 0 and len(batch.chunks) < self.max_num_seqs:
             seq = self.waiting[0]
