@@ -12,16 +12,24 @@ with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], 
 zero points may be fractional, as in llama.cpp's Q4_1 grid).
 
 Two kernels:
-- ``_qgemv_kernel`` (M = 1, decode): one program owns BLOCK_N output features and streams their
-  contiguous strip of packed weights, [BLOCK_N, BLOCK_G, BLOCK_KG/2] bytes per step (BLOCK_G runs, each
-  inside one group) -- rows of 16-byte loads, multiplied on the FMA units (``tl.sum``).
-- ``_qgemm_kernel`` (M >= 2): the weight tile is dequantized in registers and fed to ``tl.dot`` as the
-  *left* operand (yᵀ = W xᵀ, so the large N fills the tensor core's M slot and M = 16 wastes nothing);
-  for 2 <= M <= 16 it runs as a skinny GEMV-like kernel (one 16-row tile, split-K), above that as a
-  tiled GEMM with programs ordered M-fastest so the tiles sharing one weight strip run together.
-Split-K (a grid axis) adds programs when N alone gives too few to keep HBM busy; partial sums go to
-an fp32 workspace [SPLIT_K, M, N] that a second small kernel reduces in a fixed order -- deterministic,
-unlike fp32 atomics, and no zero-filled buffer to launch first.
+- ``_qgemv_kernel`` (M = 1, decode, on the FMA units): the packed weight is read as int32 words (8 int4
+  or 4 int8 codes), [BLOCK_N, BLOCK_G, BLOCK_WG] words per step. Each code becomes the float
+  f = 1 + u·2^-p by bit operations alone (shift, OR the exponent of 1.0, AND a mask), and with x
+  pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u: per weight only the bit operations and one FMA remain; the
+  group-wise affine is factored out, y_n = Σ_g s_gn·(Σ_{k∈g} x_k·u_kn - (ZERO_SHIFT + z_gn)·Σ_{k∈g} x_k),
+  so scales, zeros and Σ x cost once per group. Loads are prefetched (a register double buffer, or
+  Triton's cp.async pipeline). Split-K partials are summed by the *last* program of each tile (an
+  arrival counter, fixed order: deterministic) -- one launch, no reduction kernel.
+- ``_qgemm_kernel`` (M >= 2, and M = 1 when its tuner says so): the weight tile is dequantized in
+  registers and fed to ``tl.dot`` as the *left* operand (yᵀ = W xᵀ, so the large N fills the tensor
+  core's M slot and M = 16 wastes nothing); for 2 <= M <= 16 it runs as a skinny GEMV-like kernel (one
+  16-row tile, split-K into an fp32 workspace reduced in a fixed order), above that as a tiled GEMM with
+  programs ordered M-fastest so the tiles sharing one weight strip run together. FOLD = 1 feeds the
+  *exact* codes to the tensor cores and applies the scale to each chunk's [BLOCK_N, BLOCK_M] product
+  (cheap when BLOCK_M is small); FOLD = 0 dequantizes each weight to (q - z)·s (cheap when BLOCK_M is
+  large). On the GPU the int4 codes come from inline PTX (``nibble_ptx``): PRMT spreads two bytes into
+  the halves of a register, one shift and one LOP3 per nibble pair make bf16x2/f16x2 values 1 + u/16,
+  and one packed FMA gives q (and a packed multiply q·s): ~1.75 instructions per weight, not ~6.
 
 Choices: a chunk (a run, in the GEMV) never straddles a quantization group, so scales and zeros are
 one value per row per chunk, applied once per chunk; the int4 pair (even k, odd k) is handled as two
@@ -31,12 +39,15 @@ and split with two shifts (fp32 x: two strided loads); act-order permutes x once
 kernel (``x[..., perm]``: M·K elements, negligible next to N·K weights) so the kernel never gathers.
 The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validates and launches.
 
-Left out: Marlin's offline weight reshuffle into tensor-core fragment order, asynchronous
-global->shared pipelines written by hand, and stream-K; int3 and int2 (use the PyTorch path).
+Left out: Marlin's offline weight reshuffle into tensor-core fragment order (so the int4 tile still goes
+through shared memory to reach the MMA's register layout), asynchronous global->shared pipelines written
+by hand, and stream-K; int3 and int2 (use the PyTorch path). The split-K GEMV's counters are one buffer
+per device: two such GEMVs running concurrently on two streams are not supported.
 
 The one idea to notice: at M = 1 the kernel is a memory copy of the quantized weight with a little
-arithmetic on the side; every design choice (contiguous strips, split-K, one scale per chunk) is
-about keeping HBM busy, because 4 bits per weight is the whole speed-up.
+arithmetic on the side; every design choice (word loads, bit-level conversion, factored scales,
+split-K, prefetch) is about keeping HBM busy with few instructions per byte, because 4 bits per weight
+is the whole speed-up.
 """
 
 from __future__ import annotations

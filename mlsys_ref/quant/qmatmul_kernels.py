@@ -1,10 +1,12 @@
-"""The Triton kernels behind :mod:`mlsys_ref.quant.qmatmul` (W4A16 / W8A16), and their tile configs.
+"""The Triton kernels behind :mod:`mlsys_ref.quant.qmatmul` (W4A16 / W8A16), and the inline PTX they use.
 
-See qmatmul.py for the papers, the layout and the design; this file holds only ``@triton.jit`` code.
-Three tricks to notice, each spelled out where it happens:
-- int -> float by OR-ing the code into the mantissa of 2^23 (the "magic number" conversion of
-  FasterTransformer's weight-only kernels, Kim et al. 2022, arXiv:2211.10017): integer-unit ops
-  instead of the slow int-to-float conversion.
+See qmatmul.py for the papers, the layout and the design; this file holds the ``@triton.jit`` code (the
+tile configs live in :mod:`mlsys_ref.quant.qmatmul_tune`). Tricks to notice, each spelled out where it
+happens:
+- int -> float without a conversion instruction: OR the code into the mantissa of a power of two (the
+  "magic number" conversion of FasterTransformer's weight-only kernels, Kim et al. 2022,
+  arXiv:2211.10017). The GEMV puts it under 1.0 (f = 1 + u·2^-p) and folds the "1 +" into a per-group
+  sum of x; the GEMM does the same on two bf16/f16 values per register with inline PTX.
 - a packed int4 byte holds codes for columns 2j and 2j+1; a 16-bit activation pair x[2j], x[2j+1] is
   one int32 word, so x is read as int32 (contiguous, wide loads) and split with shifts -- and a bf16
   is the top half of an fp32, so for bf16 the split *is* the conversion to fp32.
