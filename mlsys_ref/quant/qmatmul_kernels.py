@@ -119,7 +119,7 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
     k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
     k_end = tl.minimum(k_start + k_per_split, K)
     kw_end = k_end // CPW
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)  # per run position: reduced over runs once, at the end
     if STAGES == 1:  # register double buffer: the first step's words now, each next step's during this one
         kw = k_start // CPW + col
         if EVEN_K:  # a mask constant along K keeps the 16-byte vector loads (tl.where: `bool & scalar` trips the interpreter)
@@ -182,7 +182,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
         part = tl.sum(dot, axis=2) - tl.sum(c, axis=1)[None, :]  # [BLOCK_N, BLOCK_G]
         if HAS_ZEROS:
             part -= tl.load(z_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32) * tl.sum(x_sum, axis=1)[None, :]
-        acc += tl.sum(part * s, axis=1)  # scale once per row and run, not once per weight
+        acc += part * s  # scale once per row and run, not once per weight
+    acc = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)

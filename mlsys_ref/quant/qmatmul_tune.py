@@ -79,7 +79,9 @@ def gemv_configs(bits: int = 4) -> list[dict]:
     if is_interpreter():
         return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
     table = [(128, 128, 16, 4, 1), (64, 128, 8, 2, 1), (64, 128, 4, 2, 3), (128, 128, 8, 4, 3), (64, 128, 8, 2, 3),
-             (32, 128, 8, 1, 3), (64, 256, 8, 2, 3), (128, 128, 4, 4, 4), (64, 128, 4, 2, 4), (128, 256, 8, 4, 2)]
+             (32, 128, 8, 1, 3), (128, 128, 4, 4, 4), (128, 256, 8, 4, 2),
+             # wide steps: 8 groups per row per step, so a warp reads 512 contiguous bytes of one row
+             (32, 1024, 2, 4, 1), (16, 1024, 2, 4, 1), (32, 1024, 1, 4, 3), (16, 1024, 4, 4, 1)]
     return [dict(BLOCK_N=n, BLOCK_K=k // (bits // 4), SPLIT_K=s, num_warps=w, num_stages=st) for n, k, s, w, st in table]
 
 
