@@ -7,6 +7,11 @@ tile is owned by one program: deterministic and atomic-free, at the cost of comp
 Under GQA the dK/dV program of a KV head loops over every query head of its group, so the group's
 gradients are summed in registers (no atomics, no [B, Hq, Sk, D] temporary).
 
+The dK/dV loop works in transposed space, as the Triton fused-attention tutorial does: it loads Q_iᵀ and
+computes S_ijᵀ = K_j Q_iᵀ, so Pᵀ and dSᵀ come out of the dots already laid out as the next dot's operand;
+the dQ kernel likewise loads K_jᵀ and V_jᵀ. No register tile is ever transposed, and every dot of a loop
+has the same number of rows, so on Hopper they are all asynchronous wgmma (see issue #4 in ``_dkdv_inner``).
+
 Left out on purpose: dropout, fp8, Hopper machinery (TMA, warp specialization). The forward, the
 shared mask/bias helpers and the public functions live in :mod:`mlsys_ref.attention.flash_triton`, the
 autotune configs in :mod:`mlsys_ref.attention.flash_launch`.
@@ -93,9 +98,15 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_os, offs_n, o
                 HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, ACC: tl.constexpr):
     # Transposed space (keys down, queries across): S_ijᵀ = K_j Q_iᵀ comes out of the dot in exactly the layout
-    # that dV += P_ijᵀ dO_i and dK += dS_ijᵀ Q_i take as their register operand, so no register tile is ever
-    # transposed (a register transpose is a round trip through shared memory; with the pipelined, asynchronous
-    # Hopper dots of triton 3.6 that round trip raced at large grids: dK came out wrong, see issue #4).
+    # that dV += P_ijᵀ dO_i and dK += dS_ijᵀ Q_i take as their register operand: no register transpose, and all
+    # four dots have BLOCK_N rows, so on Hopper they are all wgmma. Issue #4 (a triton 3.6 compiler bug, also
+    # in 3.9): the old loop computed S = Q_i K_jᵀ with BLOCK_M = 32 rows, too few for wgmma, so S and dP became
+    # mma.sync while dV and dK (BLOCK_N rows) were async wgmma; the pipeliner then gave the shared Q tile only
+    # num_stages - 1 buffers (enough for mma.sync) yet left the dK wgmma reading it in flight (wait pendings=3)
+    # while the next cp.async prefetch refilled that buffer. On an H100 at B32 H32 S512 d64 causal, dK was off
+    # by 0.06-0.15 and changed run to run for 32x128 w4 s2/s3; s1 (no buffers) and 64x128 w8 (all wgmma) were
+    # right; compute-sanitizer racecheck saw nothing (it does not track wgmma/cp.async). Guarded by
+    # test_gpu_large_grid_causal_d64_backward_autotuned, for every config of the autotune set.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q  # rows past the end load q = dO = 0, so they add nothing to dK, dV

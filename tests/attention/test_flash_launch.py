@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from mlsys_ref.attention.flash_launch import _SMEM_BUDGET, _check_heads, _check_tensors, _keep_fitting
+from mlsys_ref.attention.flash_launch import (
+    _ACC_REGISTERS, _SMEM_BUDGET, _check_heads, _check_tensors, _keep_fitting, _pruner,
+)
 from mlsys_ref.backend import triton
 
 
@@ -22,6 +24,24 @@ def test_keep_fitting_drops_tiles_that_overflow_shared_memory():
     assert _keep_fitting(configs, {"Q": q.half()}, {"BLOCK_D": 64}, rows, keep=2) == configs[:2]  # small tiles: first two
     assert _keep_fitting(configs[:1], {"Q": q}, {"BLOCK_D": 4096}, rows, keep=3) == configs[:1]  # one config: kept as is
     assert _keep_fitting(configs[:2], {"Q": q}, {"BLOCK_D": 4096}, rows, keep=3) == configs[1:2]  # none fits: the last
+
+
+def _warps(m, n, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def test_backward_pruner_drops_configs_whose_accumulators_would_spill():
+    """dK and dV hold 2 · BLOCK_N rows of head_dim fp32 values across the loop: at head_dim 128, 32x128 with 4
+    warps needs 256 of them per thread (it spilled on an H100, 181 vs 394 TFLOP/s); 64x128 with 8 warps needs 128."""
+    configs = [_warps(32, 128, 4, 3), _warps(64, 128, 8, 3), _warps(32, 64, 4, 3), _warps(16, 32, 4, 2)]
+    bf16 = {"Q": torch.empty(1, dtype=torch.bfloat16)}
+    kept = _pruner("dkdv")(configs, bf16, BLOCK_D=128)
+    assert kept == [configs[1], configs[2]]
+    for c in kept:
+        assert 2 * c.kwargs["BLOCK_N"] * 128 // (32 * c.num_warps) <= _ACC_REGISTERS
+    assert _pruner("dkdv")(configs, bf16, BLOCK_D=64)[:2] == configs[:2]  # at head_dim 64 both fit
+    dq_kept = _pruner("dq")([_warps(128, 32, 4, 3), _warps(64, 64, 4, 3), _warps(32, 16, 4, 2)], bf16, BLOCK_D=256)
+    assert [c.kwargs["BLOCK_M"] for c in dq_kept] == [64, 32]  # 128 rows x 256 over 128 threads would spill
 
 
 def test_checks_name_the_bad_argument():
