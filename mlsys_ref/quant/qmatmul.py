@@ -209,11 +209,14 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         k_per_split, target = split_k(cfg)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         asm = cfg.get("ASM", 1)
+        # INTERLEAVE (inline PTX only): codes back in k order, so x is read as stored, one dot per chunk
+        interleave = bool(cfg.get("IL", 0)) and bool(asm_q if cfg.get("FOLD", 1) else asm_w) and asm
+        xk = x2 if interleave else xg
         _qgemm_kernel[grid](
-            xg, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
-            xg.stride(0), xg.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            xk, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
+            xk.stride(0), xk.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-2), target.stride(-1),
-            SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, X_PAIRS=xg.dtype == torch.int32,
+            SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, X_PAIRS=xk.dtype == torch.int32, INTERLEAVE=interleave,
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
             PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
             ASM_Q=asm_q if asm else "", ASM_W=asm_w if asm else "", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

@@ -239,7 +239,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
                   FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM_Q: tl.constexpr, ASM_W: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
     as the left operand (N fills the MMA's M slot, so M = 16 wastes nothing); optional split-K."""
     PACK: tl.constexpr = 8 // BITS
@@ -268,7 +268,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
         s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
         if HAS_ZEROS:  # (q - z)·s = q·s - z·s: one FMA per weight (or per output, folded)
             zs = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32) * s
-        if X_PAIRS:
+        USE_ASM: tl.constexpr = (FOLD and ASM_Q != "") or (not FOLD and ASM_W != "")
+        if X_PAIRS and not INTERLEAVE:
             x_even, x_odd = _load_x_pairs(x_rows, k0, offs_j, local_m, rows_left, K, stride_xm, stride_xk, DOT, IS_BF16)
         if FOLD and ASM_Q != "":  # exact codes q of both nibbles, two per register (nibble_ptx)
             q_even, q_odd = tl.inline_asm_elementwise(ASM_Q, "=r,=r,r", [p], dtype=(tl.int16, tl.int16), is_pure=True,
@@ -277,7 +278,16 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
             s_b = tl.broadcast_to(s.to(DOT)[:, None], [BLOCK_N, BLOCK_KP])
             q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,r,r", [p, s_b], dtype=(tl.int16, tl.int16),
                                                       is_pure=True, pack=2)
-        for t in tl.static_range(PACK):
+        if INTERLEAVE:  # codes back in k order, (even, odd) adjacent: one dot against x as stored, [BLOCK_K, BLOCK_M]
+            w = tl.join(q_even, q_odd).reshape(BLOCK_N, BLOCK_K).to(DOT, bitcast=True)
+            xs = _load_x(x_rows, k0, 0, tl.arange(0, BLOCK_K), local_m, rows_left, K, stride_xm, stride_xk, 1, DOT)
+            if FOLD:
+                part = tl.dot(w, xs, input_precision=PRECISION)
+                if HAS_ZEROS:
+                    x_sum = tl.sum(xs.to(tl.float32), axis=0)
+            else:
+                acc = tl.dot(w, xs, acc, input_precision=PRECISION)
+        for t in tl.static_range(PACK if not INTERLEAVE else 0):
             if X_PAIRS:
                 if t == 0:
                     xs = x_even
@@ -285,7 +295,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                     xs = x_odd
             else:
                 xs = _load_x(x_rows, k0, t, offs_j, local_m, rows_left, K, stride_xm, stride_xk, PACK, DOT)
-            if ASM_Q != "" or ASM_W != "":  # the inline-PTX codes (or weights), bf16/fp16 bit patterns
+            if USE_ASM:  # the inline-PTX codes (or weights), bf16/fp16 bit patterns
                 if t == 0:
                     w = q_even.to(DOT, bitcast=True)
                 else:
