@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from mlsys_ref.attention.flash_launch import _check_heads, _check_tensors
+from mlsys_ref.attention.flash_launch import _SMEM_BUDGET, _check_heads, _check_tensors
 from mlsys_ref.attention.flash_triton import _batch_and_head, _load_kv, _online_softmax_step
 from mlsys_ref.backend import is_interpreter, require_triton, tl, triton
 
@@ -56,9 +56,7 @@ def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   num_kv_heads, group, q_len, cache_len, split_len, num_splits, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_SEQLENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch: let the combine kernel's programs start (they wait for our stores)
-        tl.extra.cuda.gdc_launch_dependents()
+                  HAS_SEQLENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     split = tl.program_id(0)
     off_b, off_hk = _batch_and_head(num_kv_heads)
     seqlen = cache_len
@@ -102,31 +100,29 @@ def _split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
 
 @triton.jit
 def _combine_kernel(O_PART, LSE_PART, OUT, num_splits,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
-    """One program per (batch, query head, token): O = Σ_s 2^(lse_s - lse) O_s with lse = log2 Σ_s 2^lse_s,
-    over the splits in chunks of BLOCK_S (registers stay small however many splits there are)."""
-    if PDL:  # launched early: wait until every split's partial result is written and visible
-        tl.extra.cuda.gdc_wait()
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (batch, query head, token): O = Σ_s 2^(lse_s - lse) O_s with lse = log2 Σ_s 2^lse_s.
+    The splits come in chunks of BLOCK_S, merged by the online softmax's own rescaling, so a chunk's lse and
+    partial outputs are loaded together (one memory round trip when num_splits <= BLOCK_S)."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):  # pass 1: the largest lse (reads num_splits floats)
-        m = tl.maximum(m, tl.load(LSE_PART + row * num_splits + s0 + offs_s, mask=s0 + offs_s < num_splits,
-                                  other=float("-inf")))
-    m_all = tl.max(m, 0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # every split empty (the token sees no key): output 0
-    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    m = tl.full([1], float("-inf"), dtype=tl.float32)  # running max of the lse seen so far
+    total = tl.zeros([1], dtype=tl.float32)
     out = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):  # pass 2: weights 2^(lse_s - max) and the weighted partial outputs
+    for s0 in range(0, num_splits, BLOCK_S):
         s_ok = s0 + offs_s < num_splits
-        weight = tl.exp2(tl.load(LSE_PART + row * num_splits + s0 + offs_s, mask=s_ok, other=float("-inf")) - m_all)
+        lse_s = tl.load(LSE_PART + row * num_splits + s0 + offs_s, mask=s_ok, other=float("-inf"))  # [BLOCK_S]
         o_s = tl.load(O_PART + (row * num_splits + s0 + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                       mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_S, BLOCK_D]
-        total += weight
-        out += tl.sum(weight[:, None] * o_s, 0)
-    total_all = tl.sum(total, 0)
-    out = out / tl.where(total_all == 0.0, 1.0, total_all)
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split has seen a key yet: weights 0, not NaN
+        alpha = tl.exp2(m - m_ref)
+        weight = tl.exp2(lse_s - m_ref)  # [BLOCK_S]
+        total = total * alpha + tl.sum(weight, 0)
+        out = out * alpha + tl.sum(weight[:, None] * o_s, 0)
+        m = m_new
+    out = out / tl.where(total == 0.0, 1.0, total)  # every split empty (the token sees no key): output 0
     tl.store(OUT + row * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
@@ -149,31 +145,32 @@ class _Plan(NamedTuple):
     scale: float  # the default 1/sqrt(D); a caller's scale replaces it
     upcast: bool
     precision: str
-    pdl: bool  # launch the combine with programmatic dependent launch (Hopper): hides its launch latency
 
 
 MIN_SPLIT_KEYS = 64  # a split shorter than one 64-key block only adds partials for the combine to read
 MAX_SPLITS = 128
 
 
-def _default_splits(batch: int, kv_heads: int, cache_len: int, sm_count: int | None, waves: int = 3) -> int:
+def _default_splits(batch: int, kv_heads: int, cache_len: int, sm_count: int | None) -> int:
     """Key chunks per sequence: when batch × KV heads programs cannot fill the ``sm_count`` SMs, split the keys
-    until there are about ``waves`` programs per SM, keeping >= MIN_SPLIT_KEYS keys per split. ``sm_count``
-    None (the interpreter): a few splits, so that the CPU tests exercise the combine."""
+    into one wave of programs (at most one per SM), keeping >= MIN_SPLIT_KEYS keys per split. Measured on an
+    H100 at batch 1 (carry/gpu_decode.sh): one wave of long splits beats 2-8 waves of short ones, whose extra
+    partial results and shorter pipelined loops cost more than the fuller GPU gains. ``sm_count`` None (the
+    interpreter): a few splits, so that the CPU tests exercise the combine."""
     if sm_count is None:
         return min(4, max(1, cache_len // 16))
     programs = batch * kv_heads
-    if programs >= sm_count:  # every SM already has a sequence-head to stream: splitting only adds the combine
-        return 1
-    return max(1, min(triton.cdiv(waves * sm_count, programs), cache_len // MIN_SPLIT_KEYS, MAX_SPLITS))
+    return max(1, min(sm_count // programs, cache_len // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
-def _kernel_config(num_splits: int, split_len: int) -> tuple:
-    """(BLOCK_N, warps, stages) of the split kernel, chosen by measurement on an H100 (carry/gpu_decode.sh):
-    a long loop (one split) wants deep pipelining; short splits want small tiles and more programs per SM."""
-    if num_splits == 1:
-        return 64, 4, 3
-    return (64, 4, 2) if split_len <= 256 else (128, 4, 2)
+def _kernel_config(num_splits: int, block_m: int, block_d: int, element_size: int) -> tuple:
+    """(BLOCK_N, warps, stages) of the split kernel, measured on an H100 (bf16, d 128): one long split per
+    program (a full batch) streams best with 128-key tiles over 8 warps; short splits with 64-key tiles over 4.
+    BLOCK_N halves until the Q tile plus the pipelined K/V tiles fit in shared memory (d 256, fp32)."""
+    block_n, warps, stages = (128, 8, 3) if num_splits == 1 else (64, 4, 3)
+    while block_n > 16 and (block_m + (stages - 1) * 2 * block_n) * block_d * element_size > _SMEM_BUDGET:
+        block_n //= 2
+    return block_n, warps, stages
 
 
 @functools.lru_cache(maxsize=512)
@@ -199,14 +196,17 @@ def _plan(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, de
     if on_gpu:
         split_len = triton.cdiv(split_len, 64) * 64  # whole key blocks per split on the GPU
     num_splits = triton.cdiv(cache_len, split_len)
-    block_n, num_warps, num_stages = _kernel_config(num_splits, split_len) if on_gpu else (16, 4, 1)
-    block_n = min(block_n, split_len) if on_gpu else block_n
+    block_m = max(16, triton.next_power_of_2((q_heads // kv_heads) * q_len))  # tl.dot needs >= 16 rows
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n, num_warps, num_stages = (16, 4, 1)  # the interpreter: small tiles, its runtime grows with their size
+    if on_gpu:
+        block_n, num_warps, num_stages = _kernel_config(num_splits, block_m, block_d, dtype.itemsize)
+        block_n = min(block_n, split_len)
     return _Plan(grid=(num_splits, batch * kv_heads), num_splits=num_splits, split_len=split_len, block_n=block_n,
-                 num_warps=num_warps, num_stages=num_stages, block_m=max(16, triton.next_power_of_2((q_heads // kv_heads) * q_len)),
-                 block_d=max(16, triton.next_power_of_2(head_dim)), block_s=min(32, max(2, triton.next_power_of_2(num_splits))),
-                 scale=1.0 / math.sqrt(head_dim), upcast=dtype == torch.bfloat16 and is_interpreter(),
-                 precision="ieee" if dtype == torch.float32 else "tf32",  # fp32 must match the reference to 1e-5
-                 pdl=False)
+                 num_warps=num_warps, num_stages=num_stages, block_m=block_m, block_d=block_d,
+                 block_s=min(32, max(2, triton.next_power_of_2(num_splits))), scale=1.0 / math.sqrt(head_dim),
+                 upcast=dtype == torch.bfloat16 and is_interpreter(),
+                 precision="ieee" if dtype == torch.float32 else "tf32")  # fp32 must match the reference to 1e-5
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
@@ -225,13 +225,12 @@ def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3],
         kv_heads, q_heads // kv_heads, q_len, k_cache.shape[2], plan.split_len, plan.num_splits,
         scale * 1.4426950408889634,  # · log2(e) for exp2
-        HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,  # tl.dot needs >= 16 rows
+        HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         HAS_SEQLENS=cache_seqlens is not None, UPCAST=plan.upcast, PRECISION=plan.precision,
-        PDL=plan.pdl, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     if plan.num_splits > 1:
-        pdl = {"PDL": True, "launch_pdl": True} if plan.pdl else {}
         _combine_kernel[(batch * q_heads * q_len,)](o_part, lse_part, out, plan.num_splits, HEAD_DIM=head_dim,
-                                                    BLOCK_D=plan.block_d, BLOCK_S=plan.block_s, **pdl)
+                                                    BLOCK_D=plan.block_d, BLOCK_S=plan.block_s)
     return out
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mlsys_ref.attention.flash_decoding import MAX_SPLITS, MIN_SPLIT_KEYS, _default_splits, _plan, flash_decode
+from mlsys_ref.attention.flash_decoding import (MAX_SPLITS, MIN_SPLIT_KEYS, _SMEM_BUDGET, _default_splits, _kernel_config,
+                                                 _plan, flash_decode)
 from mlsys_ref.attention.reference import attention_reference
 from mlsys_ref.testing import assert_close
 
@@ -87,8 +88,10 @@ def test_default_splits_fill_the_gpu_and_keep_splits_long(batch, kv_heads, cache
     assert 1 <= splits <= MAX_SPLITS
     if batch * kv_heads >= sms:  # the batch alone fills the GPU: no combine pass
         assert splits == 1
-    else:  # enough programs for every SM, unless the splits would get shorter than MIN_SPLIT_KEYS
-        assert batch * kv_heads * splits >= sms or splits in (MAX_SPLITS, max(1, cache_len // MIN_SPLIT_KEYS))
+    else:  # one wave: every program has an SM, and one more split per sequence would not fit ...
+        assert batch * kv_heads * splits <= sms
+        # ... unless the splits would get shorter than MIN_SPLIT_KEYS
+        assert batch * kv_heads * (splits + 1) > sms or splits in (MAX_SPLITS, max(1, cache_len // MIN_SPLIT_KEYS))
         assert -(-cache_len // splits) >= MIN_SPLIT_KEYS or cache_len < MIN_SPLIT_KEYS
     assert _default_splits(2 * batch, kv_heads, cache_len, sms) <= splits  # more sequences, fewer splits
 
@@ -124,3 +127,10 @@ def test_gpu_graph_capture_replays_new_inputs(batch, cache_len, device):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, flash_decode(q, k_cache, v_cache, cache_seqlens=seqlens), torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_splits,block_m,head_dim,dtype", [(1, 16, 128, torch.bfloat16), (16, 16, 128, torch.bfloat16),
+                                                               (1, 16, 256, torch.float32), (8, 256, 256, torch.float32)])
+def test_kernel_config_fits_shared_memory(num_splits, block_m, head_dim, dtype):
+    block_n, _, stages = _kernel_config(num_splits, block_m, head_dim, dtype.itemsize)
+    assert block_n >= 16 and (block_m + (stages - 1) * 2 * block_n) * head_dim * dtype.itemsize <= _SMEM_BUDGET or block_n == 16
