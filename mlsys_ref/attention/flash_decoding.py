@@ -12,6 +12,11 @@ group × q_len), so each KV head is read from memory once per group, not once pe
 is bound by the bytes of KV read. The K/V tile loads and the online-softmax update are the FlashAttention
 forward's own jit helpers (:mod:`mlsys_ref.attention.flash_triton`), inlined here at no cost.
 
+A decoder calls this every step with the same shapes, and at batch 1 a step's K/V read takes only
+microseconds, so the launcher is kept thin: the split count, tile sizes and checks of the shapes are
+computed once per shape (``_plan``, cached), one split writes the output directly (no combine launch),
+and a call does no host sync, so a decode step can be captured in a CUDA graph (after one warm-up call).
+
 Semantics are attention_reference's with ``causal=True`` per sequence ``b`` over its first
 ``cache_seqlens[b]`` cache entries: the ``q_len`` queries are the *last* ``q_len`` tokens (bottom-right).
 Left out on purpose: paged caches (block tables; see serving), appending new K/V to the cache, ALiBi,
