@@ -2,7 +2,8 @@
 
 Used by flash_triton (forward), flash_triton_backward (dK/dV, dQ) and flash_decoding (split-KV). Dao 2023,
 "FlashAttention-2" (arXiv 2307.08691) §3.3: block sizes are chosen so that the tiles fit in SRAM, and a
-bigger head dim needs smaller blocks; here a pruner drops the configs whose tiles would not fit.
+bigger head dim needs smaller blocks; here a pruner drops the configs whose tiles would not fit in shared
+memory, or (backward) whose fp32 accumulators would spill registers.
 
 Left out on purpose: a cost model; the autotuner times the few configs that fit and keeps the fastest.
 
