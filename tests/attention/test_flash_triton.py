@@ -317,3 +317,43 @@ def test_gpu_large_grid_causal_d64_backward_autotuned(pinned, device, monkeypatc
         assert torch.equal(ours, second), f"{name} differs between two runs on the same inputs (a race?)"
         relative = (ours.double() - reference).abs().max() / reference.abs().max()
         assert relative < 0.02, f"{name}: relative error {relative:.3g}"
+
+
+_SM90_DOTS = r'''
+import os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"  # a user setting wins in mlsys_ref.backend: compile, do not interpret
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mlsys_ref.attention import flash_triton_backward as fb
+
+for kernel, (m, n, warps, stages) in ((fb._dkdv_kernel, (32, 128, 4, 3)), (fb._dq_kernel, (128, 32, 4, 3))):
+    fn = kernel.fn
+    common = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=m, BLOCK_N=n, CAUSAL=True, HAS_WINDOW=False, HAS_ALIBI=False,
+                  VARLEN=False, UPCAST=False, PRECISION="tf32")
+    pointers = dict(LSE="*fp32", DELTA="*fp32", SLOPES="*fp32", CU_Q="*i32", CU_K="*i32")
+    signature = {a: "constexpr" if a in common else pointers.get(a, "*bf16" if a.isupper() else
+                 "fp32" if a.endswith("scale") else "i32") for a in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)  # as the JIT specializes them
+               if a not in common and (a.isupper() or a.startswith(("stride", "seqlen")))}
+    ttgir = triton.compile(ASTSource(fn, signature, common, attrs=aligned), target=GPUTarget("cuda", 90, 64),
+                           options={"num_warps": warps, "num_stages": stages}).asm["ttgir"]
+    print(fn.__name__, "mma_sync", ttgir.count("tt.dot "), "wgmma", ttgir.count("ttng.warp_group_dot "))
+'''
+
+
+@pytest.mark.slow
+def test_backward_dots_are_one_kind_on_sm90():
+    """Issue #4 without a GPU: compile dK/dV (the config that raced) and dQ for sm_90 and check that no loop mixes
+    mma.sync with asynchronous wgmma dots, the mix that triton's pipeliner under-buffered (see _dkdv_inner)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", _SM90_DOTS], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    for line in result.stdout.strip().splitlines():
+        name, _, mma_sync, _, wgmma = line.split()
+        assert int(mma_sync) == 0 and int(wgmma) > 0, line
