@@ -9,16 +9,20 @@ every system produces the same tokens. Engine and static batching get the same m
 and the same CUDA graphs; only real (non-pad) output tokens count, for every system.
 
 Sections (each in its own try/except, so one failure loses nothing else; results are rewritten after each):
-  engine          continuous batching + chunked prefill + paged KV + CUDA-graph decode: tokens/s, TTFT, TPOT, KV waste
+  check           fp32: the engine with its CUDA graphs == reference generate(); transformers' logits == ours
+  engine          continuous batching + chunked prefill + paged KV + CUDA graphs for decode and mixed steps, the
+                  layers torch.compile'd (``--no-compile`` to skip): tokens/s, TTFT, TPOT, KV waste
   static          the same engine/model/kernels in fixed groups, prompts padded to the group's longest,
                   every member decoding the group's longest output (``mlsys_ref.serving.engine.static_batching``)
   one-at-a-time   the same engine with max_num_seqs=1
-  batch-1 decode  one request, CUDA graphs vs eager
+  batch-1 decode  one request, CUDA graphs with and without torch.compile
   transformers    ``generate`` on the same weights (``gguf_file=``): batch 32 padded, batch 1 eager, and batch 1
-                  with its static cache + ``torch.compile`` (the target: ours >= 1.5x at batch 1)
+                  with its static cache, compiled by generate itself (the target: ours >= 1.5x at batch 1);
+                  ``--hf-compiled-batch`` also times that at batch 32
 
-Writes benchmarks/results/<gpu>/serving.{csv,md,png}. ``--quick`` shrinks everything; ``--smoke`` runs a tiny
-random model on the CPU (Triton interpreter) to check the plumbing, printing instead of writing.
+Writes benchmarks/results/<gpu>/serving.{csv,md,png} (or ``--out DIR``). ``--quick`` shrinks everything; ``--smoke``
+runs a tiny random model on the CPU (Triton interpreter) to check the plumbing, printing instead of writing;
+``--profile`` prints each engine run's per-step time split; ``--budget S`` skips what would not fit in S seconds.
 """
 
 from __future__ import annotations
@@ -216,6 +220,29 @@ def latency(results) -> dict:
     ttft = [1e3 * (o.first_token_time - o.arrival_time) for o in results]
     tpot = [1e3 * (o.finish_time - o.first_token_time) / (len(o.output_ids) - 1) for o in results if len(o.output_ids) > 1]
     return {"ttft_ms_p50": statistics.median(ttft), "tpot_ms_p50": statistics.median(tpot) if tpot else float("nan")}
+
+
+def bench_check(model, args, prompts, outputs):
+    """Correctness at the benchmark's scale, in fp32 (where bf16's near-ties cannot hide a bug): the engine with
+    the same CUDA graphs (decode and mixed steps, small sizes) vs the reference generate(), token for token, and
+    transformers' logits vs ours on the same weights."""
+    import copy
+
+    from mlsys_ref.serving.generate import generate
+
+    fp32 = copy.deepcopy(model).float()
+    engine = make_engine(fp32, args, 4, 64, graphs=True, mixed=True, max_num_batched_tokens=64)
+    batch = [p[:8 + 9 * i] for i, p in enumerate(prompts[:4])]  # 8..35 tokens: several prefill chunks per step
+    results = engine.generate(batch, SamplingParams(max_tokens=16, ignore_eos=True), progress=False)
+    same = [r.output_ids == generate(fp32, p, 16, stop_token_ids=[]) for p, r in zip(batch, results)]
+    graphs = engine.runner.graphs is not None and engine.runner.mixed_graphs is not None
+    print(f"   fp32, engine with CUDA graphs ({graphs}) == reference generate(), token for token: {same}")
+    hf = to_transformers(fp32).to(args.device).eval()
+    with torch.no_grad():
+        ids = torch.tensor([batch[-1]], device=args.device)
+        ours, theirs = fp32.forward_dense(ids)[0], hf(input_ids=ids).logits[0].float()
+    print(f"   fp32, transformers vs ours, prompt logits: max |diff| {(ours - theirs).abs().max():.2e} (logit std {ours.std():.2f})")
+    del engine, hf, fp32
 
 
 def bench_engine(model, args, prompts, outputs):
@@ -458,7 +485,7 @@ def report(args, model_note: str, final: bool) -> None:
     print(f"   wrote {folder}/serving.{{csv,md,png}}")
 
 
-SECTIONS = ("engine", "static", "sequential", "batch1", "transformers")
+SECTIONS = ("check", "engine", "static", "sequential", "batch1", "transformers")
 
 
 def main() -> None:
@@ -471,7 +498,8 @@ def main() -> None:
     parser.add_argument("--max-seqs", type=int, default=64, help="the most concurrent sequences, engine and static alike")
     parser.add_argument("--mixed", default="on", choices=("on", "off", "both"),
                         help="CUDA graphs for steps with prefill chunks too (both: engine runs twice, static uses them)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode graphs (engine and static alike)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="do not torch.compile the layers inside the graphs (engine and static alike)")
     parser.add_argument("--profile", action="store_true", help="print the per-step time split of the engine runs")
     parser.add_argument("--out", default=None, help="write serving.{csv,md} here instead of benchmarks/results/<gpu>/")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds: later optional parts are skipped near it")
@@ -484,7 +512,7 @@ def main() -> None:
     if any(name not in SECTIONS for name in sections):
         raise SystemExit(f"--sections must name some of {SECTIONS}, got {args.sections!r}")
     if args.smoke:
-        args.device, dtype = torch.device("cpu"), torch.float32
+        args.device, dtype, args.compile = torch.device("cpu"), torch.float32, False
         n, medians, cap = 6, (12, 6), 24
         args.max_seqs, args.token_budget, args.sequential = 4, 32, 2
         args.hf_batch, args.hf_new_tokens, args.decode_tokens, args.skip_hf_compile = 2, 4, 8, True
@@ -522,7 +550,8 @@ def main() -> None:
                      f"{args.max_seqs} sequences, the same CUDA graphs (decode{' and prefill/mixed steps' if args.mixed[-1] else ''})"
                      f"{' and torch.compile' if args.compile else ''}")
     print(f"{model_note}; {args.workload}")
-    table = {"engine": ("engine: continuous batching", bench_engine, (prompts, outputs)),
+    table = {"check": ("fp32 correctness check", bench_check, (prompts, outputs)),
+             "engine": ("engine: continuous batching", bench_engine, (prompts, outputs)),
              "static": ("static batching", bench_static, (prompts, outputs)),
              "sequential": ("one request at a time", bench_one_at_a_time, (prompts, outputs)),
              "batch1": ("batch-1 decode", bench_batch1_decode, ()),
