@@ -222,6 +222,44 @@ def latency(results) -> dict:
     return {"ttft_ms_p50": statistics.median(ttft), "tpot_ms_p50": statistics.median(tpot) if tpot else float("nan")}
 
 
+def host_profile(batch_sizes=(64, 128, 256), steps: int = 400) -> None:
+    """The engine's host time per step, without the GPU: on the CPU, a tiny model whose forward is replaced by a
+    fixed logits tensor (vocab 1024), the graph paths emulated (same buffers, block-table rows, padding), one
+    thread. Each batch size gets 2x as many requests (prompts 20..300, outputs 300..900 tokens); the split is
+    ``StepProfile``'s (schedule / inputs + launch / sample / postprocess)."""
+    import mlsys_ref.serving.cuda_graphs as cuda_graphs
+    import mlsys_ref.serving.model_runner as model_runner
+
+    logits = torch.randn(4096, 1024)
+
+    def no_forward(model, tokens, positions, attend, before=None, after=None, logits_indices=None):
+        return logits[:tokens.shape[0] if logits_indices is None else logits_indices.shape[0]]
+
+    saved = model_runner.forward_unchecked, torch.get_num_threads()
+    model_runner.forward_unchecked = cuda_graphs.forward_unchecked = no_forward  # the module globals the paths call
+    torch.set_num_threads(1)
+    try:
+        model = Llama.random(LlamaConfig.tiny(vocab_size=1024, max_position_embeddings=2048))
+        for b in batch_sizes:
+            rng = random.Random(0)
+            engine = Engine(model, num_blocks=b * 70 + 64, block_size=16, max_num_seqs=b, max_num_batched_tokens=2048,
+                            max_model_len=1216)
+            engine.runner.capture_decode_graphs([s for s in GRAPH_SIZES if s <= b], 76, emulate=True)
+            engine.runner.capture_mixed_graphs([64, 256, 1024, 2048], b, 76, emulate=True)
+            for _ in range(2 * b):
+                engine.add_request([rng.randrange(10, 1024) for _ in range(rng.randrange(20, 300))],
+                                   SamplingParams(max_tokens=rng.randrange(300, 900), ignore_eos=True))
+            for _ in range(20):
+                engine.step()
+            profile = StepProfile(engine)
+            for _ in range(steps):
+                engine.step()
+            print(f"   host time per step, up to {b} running sequences (CPU, no forward):\n" + profile.close())
+    finally:
+        model_runner.forward_unchecked = cuda_graphs.forward_unchecked = saved[0]
+        torch.set_num_threads(saved[1])
+
+
 def bench_check(model, args, prompts, outputs):
     """Correctness at the benchmark's scale, in fp32 (where bf16's near-ties cannot hide a bug): the engine with
     the same CUDA graphs (decode and mixed steps, small sizes) vs the reference generate(), token for token, and
@@ -501,11 +539,16 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="do not torch.compile the layers inside the graphs (engine and static alike)")
     parser.add_argument("--profile", action="store_true", help="print the per-step time split of the engine runs")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="only the engine's host time per step at 64/128/256 sequences (CPU, forward stubbed out)")
     parser.add_argument("--out", default=None, help="write serving.{csv,md} here instead of benchmarks/results/<gpu>/")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds: later optional parts are skipped near it")
     parser.add_argument("--hf-compiled-batch", action="store_true", help="also time transformers' compiled generate at batch 32")
     parser.add_argument("--skip-hf-compile", action="store_true", help="skip transformers' torch.compile section")
     args = parser.parse_args()
+    if args.host_profile:
+        host_profile()
+        return
     args.deadline = time.perf_counter() + args.budget
     args.mixed = {"on": [True], "off": [False], "both": [False, True]}[args.mixed]
     sections = args.sections.split(",")
