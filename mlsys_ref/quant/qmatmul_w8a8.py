@@ -123,8 +123,9 @@ def _check_device(*named):
                 raise ValueError(f"{name} is on {t.device} but {named[0][0]} is on {first.device}")
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] float -> (Xq int8 [..., K], Δx fp32 [..., 1]), symmetric absmax per token."""
+def quantize_per_token(x: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (Xq int8 [..., K], Δx fp32 [..., 1]), symmetric absmax per token. ``config``
+    (BLOCK_K, num_warps) overrides the default block: the whole row, up to 16K elements, 1 warp per 1K."""
     require_triton("quantize_per_token")
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -138,9 +139,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x2.shape[0]:
         # one pass (the row in registers) up to 16K elements on the GPU; the interpreter pays per element
         block = min(256 if is_interpreter() else 16384, triton.next_power_of_2(K))
+        config = config or dict(BLOCK_K=block, num_warps=max(4, min(16, block // 1024)))
         _quantize_per_token_kernel[(x2.shape[0],)](x2, q, s, K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
-                                                    ONE_PASS=block >= K, BLOCK_K=block,
-                                                    num_warps=max(4, min(16, block // 1024)))
+                                                    ONE_PASS=config["BLOCK_K"] >= K, BLOCK_K=config["BLOCK_K"],
+                                                    num_warps=config["num_warps"])
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
