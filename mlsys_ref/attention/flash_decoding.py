@@ -214,6 +214,36 @@ def _plan(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, de
                  precision="ieee" if dtype == torch.float32 else "tf32")  # fp32 must match the reference to 1e-5
 
 
+_COMPILED: dict = {}  # (kernel, grid, constexprs, options, specialization) -> (compiled kernel's launcher, constexprs)
+
+
+def _specialization(args: tuple) -> tuple:
+    """What Triton's JIT specializes a kernel on, per argument: a tensor's dtype and 16-byte alignment; an int's
+    being 1, a multiple of 16, 32-bit; a float's being a float."""
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                 else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) if isinstance(a, int) else float for a in args)
+
+
+def _run(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``; from the second call with the same specialization on,
+    through the compiled kernel's own launcher. Triton's JIT dispatch (binding the arguments, specializing them,
+    hashing the cache key) costs ~20 us of host time per launch with Triton 3.6 on an H100 host, more than the
+    GPU time of a batch-1 decode step (carry/gpu_decode.sh: 30 us per JIT launch, 11 us per direct launch)."""
+    if is_interpreter():
+        kernel[grid](*args, **constexprs, **options)
+        return
+    key = (kernel, grid, tuple(constexprs.items()), tuple(options.items()), _specialization(args))
+    cached = _COMPILED.get(key)
+    if cached is None:  # the JIT compiles (or finds) the kernel and launches it; keep its launcher
+        compiled = kernel[grid](*args, **constexprs, **options)
+        if len(_COMPILED) > 256:  # shapes come and go (cache lengths): a bounded cache
+            _COMPILED.clear()
+        _COMPILED[key] = (compiled[grid + (1,) * (3 - len(grid))], tuple(constexprs[name] for name in kernel.arg_names[len(args):]))
+        return
+    launcher, constexpr_values = cached
+    launcher(*args, *constexpr_values)  # the compiled launcher takes every argument, constexprs included, in order
+
+
 def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
     """Both launches, nothing else: no host sync and only caching-allocator memory, so it can be graph-captured."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -225,17 +255,17 @@ def _launch(q, k_cache, v_cache, cache_seqlens, plan: _Plan, scale: float):
         parts = batch * q_heads * q_len * plan.num_splits
         scratch = torch.empty(parts * (head_dim + 1), device=q.device, dtype=torch.float32)
         o_part, lse_part = scratch, scratch[parts * head_dim:]
-    _split_kernel[plan.grid](
+    _run(_split_kernel, plan.grid, (
         q, k_cache, v_cache, o_part, lse_part, cache_seqlens if cache_seqlens is not None else q,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3],
         kv_heads, q_heads // kv_heads, q_len, k_cache.shape[2], plan.split_len, plan.num_splits,
-        scale * 1.4426950408889634,  # · log2(e) for exp2
-        HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        HAS_SEQLENS=cache_seqlens is not None, UPCAST=plan.upcast, PRECISION=plan.precision,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        scale * 1.4426950408889634),  # · log2(e) for exp2
+        dict(HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+             HAS_SEQLENS=cache_seqlens is not None, UPCAST=plan.upcast, PRECISION=plan.precision),
+        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
     if plan.num_splits > 1:
-        _combine_kernel[(batch * q_heads * q_len,)](o_part, lse_part, out, plan.num_splits, HEAD_DIM=head_dim,
-                                                    BLOCK_D=plan.block_d, BLOCK_S=plan.block_s)
+        _run(_combine_kernel, (batch * q_heads * q_len,), (o_part, lse_part, out, plan.num_splits),
+             dict(HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_S=plan.block_s), {})
     return out
 
 

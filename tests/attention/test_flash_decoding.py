@@ -134,3 +134,20 @@ def test_gpu_graph_capture_replays_new_inputs(batch, cache_len, device):
 def test_kernel_config_fits_shared_memory(num_splits, block_m, head_dim, dtype):
     block_n, _, stages = _kernel_config(num_splits, block_m, head_dim, dtype.itemsize)
     assert block_n >= 16 and (block_m + (stages - 1) * 2 * block_n) * head_dim * dtype.itemsize <= _SMEM_BUDGET or block_n == 16
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launch_matches_reference_on_new_data_and_alignments(device):
+    """From the second call on, the kernels launch through the compiled launcher: it must see new data, new
+    lengths, and a cache whose storage is not 16-byte aligned (another specialization, compiled afresh)."""
+    from mlsys_ref.attention import flash_decoding
+
+    for step in range(4):
+        q = torch.randn(2, 32, 1, 128, device=device, dtype=torch.bfloat16)
+        flat = torch.randn(2 * 2 * 8 * 1000 * 128 + 1, device=device, dtype=torch.bfloat16)
+        start = 1 if step == 3 else 0  # the last step: K/V start 2 bytes past an aligned address
+        k_cache, v_cache = flat[start:start + 2 * 8 * 1000 * 128].view(2, 8, 1000, 128), flat[-2 * 8 * 1000 * 128:].view(2, 8, 1000, 128)
+        lengths = [1000 - 97 * step, 1 + 300 * step]
+        out = flash_decode(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, device=device, dtype=torch.int32))
+        assert_close(out, _expected(q, k_cache, v_cache, lengths).to(torch.bfloat16), torch.bfloat16)
+    assert len(flash_decoding._COMPILED) >= 2  # split and combine launchers kept
