@@ -214,7 +214,7 @@ def _plan(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, de
                  precision="ieee" if dtype == torch.float32 else "tf32")  # fp32 must match the reference to 1e-5
 
 
-_COMPILED: dict = {}  # (kernel, grid, constexprs, options, specialization) -> (compiled kernel's launcher, constexprs)
+_COMPILED: dict = {}  # (kernel, device, grid, constexprs, options, specialization) -> (launcher, constexpr values)
 
 
 def _specialization(args: tuple) -> tuple:
@@ -232,7 +232,8 @@ def _run(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict) -> N
     if is_interpreter():
         kernel[grid](*args, **constexprs, **options)
         return
-    key = (kernel, grid, tuple(constexprs.items()), tuple(options.items()), _specialization(args))
+    key = (kernel, torch.cuda.current_device(),  # a compiled kernel is loaded per device, as the JIT caches it
+           grid, tuple(constexprs.items()), tuple(options.items()), _specialization(args))
     cached = _COMPILED.get(key)
     if cached is None:  # the JIT compiles (or finds) the kernel and launches it; keep its launcher
         compiled = kernel[grid](*args, **constexprs, **options)
