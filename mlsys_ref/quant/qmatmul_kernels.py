@@ -77,7 +77,7 @@ def _shifted_one(w, BYTE: tl.constexpr):
 
 
 @triton.jit
-def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr):
+def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr = False):
     """int32 words -> (f_lo, f_hi) for code pair j of each word (int4: the nibbles of byte j; int8: bytes 2j,
     2j+1): f = 1 + u·2^-8, except the int4 high nibble, f = 1 + u·2^-4. Bits only: one shift and one OR per
     byte, one AND per code, each with a single immediate, since (a | ONE) & (MASK | ONE) = (a & MASK) | ONE."""
@@ -88,7 +88,21 @@ def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr):
     else:
         f_lo = _shifted_one(w, 2 * j) & 0x3FFF8000  # the byte at bits [15, 23)
         f_hi = _shifted_one(w, 2 * j + 1) & 0x3FFF8000
-    return f_lo.to(tl.float32, bitcast=True), f_hi.to(tl.float32, bitcast=True)
+    f_lo, f_hi = f_lo.to(tl.float32, bitcast=True), f_hi.to(tl.float32, bitcast=True)
+    if EXACT:  # fp32 x: f - 1 = u·2^-p exactly (one FADD more), so x̃·(f - 1) rounds like x·u itself
+        return f_lo - 1.0, f_hi - 1.0
+    return f_lo, f_hi
+
+
+@triton.jit
+def _x_pair(x_ptr, xi, K, stride_xk, X_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, IS_BF16: tl.constexpr):
+    """The activation pair (x[2·xi], x[2·xi + 1]) as fp32 (16-bit x: one int32 word per pair)."""
+    if X_PAIRS and EVEN_K:
+        return _split_pairs(tl.load(x_ptr + xi * stride_xk), tl.float32, IS_BF16)
+    if X_PAIRS:
+        return _split_pairs(tl.load(x_ptr + xi * stride_xk, mask=xi < K // 2, other=0), tl.float32, IS_BF16)
+    x_lo = tl.load(x_ptr + 2 * xi * stride_xk, mask=2 * xi < K, other=0).to(tl.float32)
+    return x_lo, tl.load(x_ptr + (2 * xi + 1) * stride_xk, mask=2 * xi + 1 < K, other=0).to(tl.float32)
 
 
 @triton.jit
@@ -108,6 +122,9 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
     (an atomic counter) sums them in a fixed order -- one launch, deterministic."""
     CPW: tl.constexpr = 32 // BITS  # codes per int32 word
     PAIRS: tl.constexpr = CPW // 2  # x pairs (one int32 word of a 16-bit x) per weight word
+    HI: tl.constexpr = 16.0 if BITS == 4 else 256.0  # x̃ scale of the high code of a pair (2^p)
+    ONE_LO: tl.constexpr = 0.0 if not X_PAIRS else 256.0  # what the "1 +" of f adds per x (none when exact)
+    ONE_HI: tl.constexpr = 0.0 if not X_PAIRS else HI
     BLOCK_WG: tl.constexpr = BLOCK_KG // CPW  # words per row per run
     BLOCK_K: tl.constexpr = BLOCK_G * BLOCK_KG  # codes per row per step
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -151,28 +168,17 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
             p = p ^ -0x7F7F7F80
         for j in tl.static_range(PAIRS):
             xi = k0 // 2 + col * PAIRS + j  # x pair (x[2·xi], x[2·xi + 1]) of code pair j, [BLOCK_G, BLOCK_WG]
-            if X_PAIRS and EVEN_K:
-                x_lo, x_hi = _split_pairs(tl.load(x_ptr + xi * stride_xk), tl.float32, IS_BF16)
-            elif X_PAIRS:
-                words = tl.load(x_ptr + xi * stride_xk, mask=xi < K // 2, other=0)
-                x_lo, x_hi = _split_pairs(words, tl.float32, IS_BF16)
-            else:
-                x_lo = tl.load(x_ptr + 2 * xi * stride_xk, mask=2 * xi < K, other=0).to(tl.float32)
-                x_hi = tl.load(x_ptr + (2 * xi + 1) * stride_xk, mask=2 * xi + 1 < K, other=0).to(tl.float32)
-            f_lo, f_hi = _pair_codes(p, j, BITS)
+            x_lo, x_hi = _x_pair(x_ptr, xi, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
+            f_lo, f_hi = _pair_codes(p, j, BITS, not X_PAIRS)
             # x̃ = x·2^p (p = 8, or 4 for the high nibble): Σ x̃·f = Σ x̃ + Σ x·u; and c = Σ (x̃ + ZERO_SHIFT·x)
             if j == 0:
                 dot = f_lo * (x_lo * 256.0)[None, :, :]
-                c = x_lo * (256.0 + ZERO_SHIFT)
+                c = x_lo * (ONE_LO + ZERO_SHIFT)
             else:
                 dot += f_lo * (x_lo * 256.0)[None, :, :]
-                c += x_lo * (256.0 + ZERO_SHIFT)
-            if BITS == 4:
-                dot += f_hi * (x_hi * 16.0)[None, :, :]
-                c += x_hi * (16.0 + ZERO_SHIFT)
-            else:
-                dot += f_hi * (x_hi * 256.0)[None, :, :]
-                c += x_hi * (256.0 + ZERO_SHIFT)
+                c += x_lo * (ONE_LO + ZERO_SHIFT)
+            dot += f_hi * (x_hi * HI)[None, :, :]
+            c += x_hi * (ONE_HI + ZERO_SHIFT)
             if HAS_ZEROS:
                 if j == 0:
                     x_sum = x_lo + x_hi
@@ -200,6 +206,90 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
                 total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
             tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)  # reset: the counters are zero again for the next launch
+
+
+@triton.jit
+def _qgemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size, rows_per_program,
+                       stride_xk, stride_wn, stride_sn, stride_sg,
+                       BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                       BLOCK_KG: tl.constexpr):
+    """M = 1, looping over rows: the same arithmetic as _qgemv_kernel, but a program owns one K range of
+    BLOCK_K codes (grid axis 1, SPLIT_K = cdiv(K, BLOCK_K)) and rows_per_program rows, so its x̃ is loaded
+    and scaled once and each step streams BLOCK_N row segments (a warp: 512 contiguous bytes of one row)."""
+    CPW: tl.constexpr = 32 // BITS
+    BLOCK_WG: tl.constexpr = BLOCK_KG // CPW
+    BLOCK_K: tl.constexpr = BLOCK_G * BLOCK_KG
+    HI: tl.constexpr = 16.0 if BITS == 4 else 256.0  # x̃ scale of the high code of a pair (2^p)
+    ONE_LO: tl.constexpr = 0.0 if not X_PAIRS else 256.0  # what the "1 +" of f adds per x (none when exact)
+    ONE_HI: tl.constexpr = 0.0 if not X_PAIRS else HI
+    pid_r, pid_k = tl.program_id(0), tl.program_id(1)
+    k0 = pid_k * BLOCK_K
+    offs_g = tl.arange(0, BLOCK_G)
+    col = offs_g[:, None] * BLOCK_WG + tl.arange(0, BLOCK_WG)[None, :]  # [BLOCK_G, BLOCK_WG]
+    kw = k0 // CPW + col
+    run_k = k0 + offs_g * BLOCK_KG
+    g, g_ok = run_k // group_size, run_k < K
+    # -- x̃ of this K range, once: pairs j = 0..CPW/2-1 of every word; c = Σ (x̃ + ZERO_SHIFT·x) per run
+    x0l, x0h = _x_pair(x_ptr, k0 // 2 + col * (CPW // 2), K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
+    x1l, x1h = _x_pair(x_ptr, k0 // 2 + col * (CPW // 2) + 1, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
+    x_sum = x0l + x0h + x1l + x1h
+    c = (x0l + x1l) * (ONE_LO + ZERO_SHIFT) + (x0h + x1h) * (ONE_HI + ZERO_SHIFT)
+    if BITS == 4:
+        x2l, x2h = _x_pair(x_ptr, k0 // 2 + col * 4 + 2, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
+        x3l, x3h = _x_pair(x_ptr, k0 // 2 + col * 4 + 3, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
+        x_sum += x2l + x2h + x3l + x3h
+        c += (x2l + x3l) * (ONE_LO + ZERO_SHIFT) + (x2h + x3h) * (ONE_HI + ZERO_SHIFT)
+        x2l, x2h, x3l, x3h = x2l * 256.0, x2h * HI, x3l * 256.0, x3h * HI
+    x0l, x0h, x1l, x1h = x0l * 256.0, x0h * HI, x1l * 256.0, x1h * HI
+    c, x_sum = tl.sum(c, axis=1), tl.sum(x_sum, axis=1)  # [BLOCK_G]
+    row_start = pid_r * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, N)
+    for n0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_end
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn + kw[None, :, :]
+        if EVEN_K:
+            p = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+        else:
+            p = tl.load(w_ptrs, mask=n_mask[:, None, None] & (kw[None, :, :] < K // CPW), other=0)
+        if SIGNED:  # flip each byte's top bit: u = q + 128
+            p = p ^ -0x7F7F7F80
+        f_lo, f_hi = _pair_codes(p, 0, BITS, not X_PAIRS)
+        dot = f_lo * x0l[None, :, :] + f_hi * x0h[None, :, :]
+        f_lo, f_hi = _pair_codes(p, 1, BITS, not X_PAIRS)
+        dot += f_lo * x1l[None, :, :] + f_hi * x1h[None, :, :]
+        if BITS == 4:
+            f_lo, f_hi = _pair_codes(p, 2, BITS, not X_PAIRS)
+            dot += f_lo * x2l[None, :, :] + f_hi * x2h[None, :, :]
+            f_lo, f_hi = _pair_codes(p, 3, BITS, not X_PAIRS)
+            dot += f_lo * x3l[None, :, :] + f_hi * x3h[None, :, :]
+        part = tl.sum(dot, axis=2) - c[None, :]  # Σ x·q per row and run, [BLOCK_N, BLOCK_G]
+        sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg
+        sz_mask = n_mask[:, None] & g_ok[None, :]
+        if HAS_ZEROS:
+            part -= tl.load(z_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32) * x_sum[None, :]
+        y = tl.sum(part * tl.load(s_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32), axis=1)  # [BLOCK_N]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.store(ws_ptr + pid_k * N + offs_n, y, mask=n_mask)
+    if SPLIT_K > 1:  # the last K range to finish sums the partials of these rows in a fixed order
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + pid_r, 1, sem="acq_rel") == SPLIT_K - 1:
+            for n0 in range(row_start, row_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < row_end
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):
+                    total += tl.load(ws_ptr + split * N + offs_n, mask=n_mask, other=0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(cnt_ptr + pid_r, 0)
 
 
 @triton.jit
