@@ -24,9 +24,10 @@ def _configs(pass_name: str) -> list:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     table = {  # (BLOCK_M, BLOCK_N, warps, stages), best first; the last one fits any head dim
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        # backward: measured on an H100 (triton 3.6, bf16, seq 8k): dK/dV 64x128 w8 best at d128, 32x128 w4 at d64
-        "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3), (32, 64, 8, 2), (16, 32, 4, 2)],
-        "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 2)],
+        # backward, measured on an H100 (triton 3.6, bf16, seq 2k-16k): dK/dV 64x64 w4 s4 best at d64, 64x128 w8 s4
+        # at d128 (32x64 at 2k); dQ 128x64 w8 s4 (64x128 w4 s3 at d64 causal)
+        "dkdv": [(64, 64, 4, 4), (64, 128, 8, 4), (32, 64, 4, 3), (32, 64, 8, 2), (16, 32, 4, 2)],
+        "dq": [(128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 2)],
     }[pass_name]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
@@ -59,7 +60,7 @@ def _keep_fitting(configs, named_args, kwargs, rows, keep: int, acc_rows=None) -
 
 
 def _pruner(pass_name: str):
-    keep = 3 if pass_name == "fwd" else 2  # each config costs seconds of compile time on the first call
+    keep = {"fwd": 3, "dkdv": 3, "dq": 2}[pass_name]  # each config costs seconds of compile time on the first call
 
     def rows(config):
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
