@@ -12,9 +12,10 @@ computes S_ijᵀ = K_j Q_iᵀ, so Pᵀ and dSᵀ come out of the dots already la
 the dQ kernel likewise loads K_jᵀ and V_jᵀ. No register tile is ever transposed, and every dot of a loop
 has the same number of rows, so on Hopper they are all asynchronous wgmma (see issue #4 in ``_dkdv_inner``).
 
-Left out on purpose: dropout, fp8, Hopper machinery (TMA, warp specialization). The forward, the
-shared mask/bias helpers and the public functions live in :mod:`mlsys_ref.attention.flash_triton`, the
-autotune configs in :mod:`mlsys_ref.attention.flash_launch`.
+Left out on purpose: dropout, fp8, Hopper machinery (TMA, warp specialization), and Algorithm 2's atomic
+dQ (a fused dK/dV/dQ kernel with fp32 atomics measured 4-10% slower on an H100, and its dQ run-dependent).
+The forward, the shared mask/bias helpers and the public functions live in
+:mod:`mlsys_ref.attention.flash_triton`, the autotune configs in :mod:`mlsys_ref.attention.flash_launch`.
 
 The one idea: P is never stored; it is recomputed from Q, K and the saved log-sum-exp
 (P = exp(S - L)), and dS = P ∘ (dP - D) with D = rowsum(dO ∘ O) = rowsum(P ∘ dP) per row.
