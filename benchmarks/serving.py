@@ -533,6 +533,7 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shapes (no checkpoint)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--requests", type=int, default=None, help="number of requests (default 384; --quick 128)")
+    parser.add_argument("--seed", type=int, default=0, help="the workload's seed (lengths and tokens)")
     parser.add_argument("--max-seqs", type=int, default=64, help="the most concurrent sequences, engine and static alike")
     parser.add_argument("--mixed", default="on", choices=("on", "off", "both"),
                         help="CUDA graphs for steps with prefill chunks too (both: engine runs twice, static uses them)")
@@ -585,9 +586,9 @@ def main() -> None:
             print(f"could not load SmolLM2 ({type(error).__name__}: {error}); random weights of its shapes")
             model, model_note = Llama.random(LlamaConfig()), f"random weights of SmolLM2-135M's shapes, {dtype}"
     model = model.to(dtype).to(args.device).eval()
-    prompts, outputs = make_workload(n, model.config.vocab_size, *medians, cap)
+    prompts, outputs = make_workload(n, model.config.vocab_size, *medians, cap, seed=args.seed)
     args.workload = (f"{n} requests at t=0, prompt and output lengths log-normal (sigma 1, medians {medians[0]} and "
-                     f"{medians[1]}, clipped to [4, {cap}], seed 0: prompts {min(map(len, prompts))}..{max(map(len, prompts))} "
+                     f"{medians[1]}, clipped to [4, {cap}], seed {args.seed}: prompts {min(map(len, prompts))}..{max(map(len, prompts))} "
                      f"mean {statistics.mean(map(len, prompts)):.0f}, outputs {min(outputs)}..{max(outputs)} mean "
                      f"{statistics.mean(outputs):.0f}, {sum(outputs)} in all); engine and static batching both at most "
                      f"{args.max_seqs} sequences, the same CUDA graphs (decode{' and prefill/mixed steps' if args.mixed[-1] else ''})"
