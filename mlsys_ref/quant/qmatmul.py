@@ -58,8 +58,7 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl, triton
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
-from mlsys_ref.quant.qmatmul_kernels import (_qgemm_kernel, _qgemv_kernel, _qgemv_rows_kernel, _splitk_reduce_kernel,
-                                             nibble_ptx)
+from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, nibble_ptx
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, pick_config
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "use_kernels",
@@ -182,17 +181,6 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     def run_gemv(cfg: dict) -> torch.Tensor:
         # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
         block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
-        if "ROWS" in cfg:  # the loop over rows: a program per (ROWS rows, BLOCK_K codes)
-            splits = triton.cdiv(K, cfg["BLOCK_K"])
-            target = torch.empty(splits, N, device=out.device, dtype=torch.float32) if splits > 1 else out
-            counters = _counters(x2.device, triton.cdiv(N, cfg["ROWS"])) if splits > 1 else out
-            _qgemv_rows_kernel[(triton.cdiv(N, cfg["ROWS"]), splits)](
-                xv, w32, scales, z, b, out, target, counters, N, K, group_size, cfg["ROWS"],
-                xv.stride(0), w32.stride(0), scales.stride(0), scales.stride(1),
-                SPLIT_K=splits, EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=cfg["num_stages"], BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg, X_PAIRS=x_dtype != torch.float32,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-            return out
         k_per_split, target = split_k(cfg)
         counters = _counters(x2.device, triton.cdiv(N, cfg["BLOCK_N"])) if cfg["SPLIT_K"] > 1 else out
         _qgemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](

@@ -209,90 +209,6 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
 
 
 @triton.jit
-def _qgemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size, rows_per_program,
-                       stride_xk, stride_wn, stride_sn, stride_sg,
-                       BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                       BLOCK_KG: tl.constexpr):
-    """M = 1, looping over rows: the same arithmetic as _qgemv_kernel, but a program owns one K range of
-    BLOCK_K codes (grid axis 1, SPLIT_K = cdiv(K, BLOCK_K)) and rows_per_program rows, so its x̃ is loaded
-    and scaled once and each step streams BLOCK_N row segments (a warp: 512 contiguous bytes of one row)."""
-    CPW: tl.constexpr = 32 // BITS
-    BLOCK_WG: tl.constexpr = BLOCK_KG // CPW
-    BLOCK_K: tl.constexpr = BLOCK_G * BLOCK_KG
-    HI: tl.constexpr = 16.0 if BITS == 4 else 256.0  # x̃ scale of the high code of a pair (2^p)
-    ONE_LO: tl.constexpr = 0.0 if not X_PAIRS else 256.0  # what the "1 +" of f adds per x (none when exact)
-    ONE_HI: tl.constexpr = 0.0 if not X_PAIRS else HI
-    pid_r, pid_k = tl.program_id(0), tl.program_id(1)
-    k0 = pid_k * BLOCK_K
-    offs_g = tl.arange(0, BLOCK_G)
-    col = offs_g[:, None] * BLOCK_WG + tl.arange(0, BLOCK_WG)[None, :]  # [BLOCK_G, BLOCK_WG]
-    kw = k0 // CPW + col
-    run_k = k0 + offs_g * BLOCK_KG
-    g, g_ok = run_k // group_size, run_k < K
-    # -- x̃ of this K range, once: pairs j = 0..CPW/2-1 of every word; c = Σ (x̃ + ZERO_SHIFT·x) per run
-    x0l, x0h = _x_pair(x_ptr, k0 // 2 + col * (CPW // 2), K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
-    x1l, x1h = _x_pair(x_ptr, k0 // 2 + col * (CPW // 2) + 1, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
-    x_sum = x0l + x0h + x1l + x1h
-    c = (x0l + x1l) * (ONE_LO + ZERO_SHIFT) + (x0h + x1h) * (ONE_HI + ZERO_SHIFT)
-    if BITS == 4:
-        x2l, x2h = _x_pair(x_ptr, k0 // 2 + col * 4 + 2, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
-        x3l, x3h = _x_pair(x_ptr, k0 // 2 + col * 4 + 3, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
-        x_sum += x2l + x2h + x3l + x3h
-        c += (x2l + x3l) * (ONE_LO + ZERO_SHIFT) + (x2h + x3h) * (ONE_HI + ZERO_SHIFT)
-        x2l, x2h, x3l, x3h = x2l * 256.0, x2h * HI, x3l * 256.0, x3h * HI
-    x0l, x0h, x1l, x1h = x0l * 256.0, x0h * HI, x1l * 256.0, x1h * HI
-    c, x_sum = tl.sum(c, axis=1), tl.sum(x_sum, axis=1)  # [BLOCK_G]
-    row_start = pid_r * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, N)
-    for n0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < row_end
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn + kw[None, :, :]
-        if EVEN_K:
-            p = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
-        else:
-            p = tl.load(w_ptrs, mask=n_mask[:, None, None] & (kw[None, :, :] < K // CPW), other=0)
-        if SIGNED:  # flip each byte's top bit: u = q + 128
-            p = p ^ -0x7F7F7F80
-        f_lo, f_hi = _pair_codes(p, 0, BITS, not X_PAIRS)
-        dot = f_lo * x0l[None, :, :] + f_hi * x0h[None, :, :]
-        f_lo, f_hi = _pair_codes(p, 1, BITS, not X_PAIRS)
-        dot += f_lo * x1l[None, :, :] + f_hi * x1h[None, :, :]
-        if BITS == 4:
-            f_lo, f_hi = _pair_codes(p, 2, BITS, not X_PAIRS)
-            dot += f_lo * x2l[None, :, :] + f_hi * x2h[None, :, :]
-            f_lo, f_hi = _pair_codes(p, 3, BITS, not X_PAIRS)
-            dot += f_lo * x3l[None, :, :] + f_hi * x3h[None, :, :]
-        part = tl.sum(dot, axis=2) - c[None, :]  # Σ x·q per row and run, [BLOCK_N, BLOCK_G]
-        sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg
-        sz_mask = n_mask[:, None] & g_ok[None, :]
-        if HAS_ZEROS:
-            part -= tl.load(z_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32) * x_sum[None, :]
-        y = tl.sum(part * tl.load(s_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32), axis=1)  # [BLOCK_N]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            tl.store(ws_ptr + pid_k * N + offs_n, y, mask=n_mask)
-    if SPLIT_K > 1:  # the last K range to finish sums the partials of these rows in a fixed order
-        tl.debug_barrier()
-        if tl.atomic_add(cnt_ptr + pid_r, 1, sem="acq_rel") == SPLIT_K - 1:
-            for n0 in range(row_start, row_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < row_end
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    total += tl.load(ws_ptr + split * N + offs_n, mask=n_mask, other=0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-            tl.atomic_xchg(cnt_ptr + pid_r, 0)
-
-
-@triton.jit
 def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
     """out[m, n] = Σ_s workspace[s, m, n] (+ bias[n]), all contiguous; a fixed order: deterministic."""
@@ -463,17 +379,12 @@ def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool) -> str:
 
 
 if __name__ == "__main__":
-    import torch
-
-    from mlsys_ref.backend import default_device
-    from mlsys_ref.quant.linear import QuantizedLinear
     from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
-    from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs
+    from mlsys_ref.quant.linear import QuantizedLinear
+    from mlsys_ref.backend import default_device
     from mlsys_ref.testing import max_error
 
-    print("GEMV configs (M = 1):", gemv_configs(4)[:3], "...")
-    for M in (16, 256):
-        print(f"tiled configs (M = {M}):", gemm_configs(M)[:2], "...")
+    print("inline PTX for bf16 x, symmetric int4 (GPU GEMM):", nibble_ptx(torch.bfloat16, 8, scaled=False), sep="\n")
     torch.manual_seed(0)
     ql = QuantizedLinear.from_linear(torch.nn.Linear(256, 40), 4, 64, symmetric=False).to(default_device())
     for M in (1, 16, 33):  # GEMV, skinny tiled (split-K), tiled

@@ -78,10 +78,9 @@ def gemv_configs(bits: int = 4) -> list[dict]:
     as many codes (the same 16 words, 64 bytes, per row)."""
     if is_interpreter():
         return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
-    table = [(128, 128, 16, 4, 1), (64, 128, 8, 2, 1), (64, 128, 4, 2, 3), (128, 128, 8, 4, 3), (64, 128, 8, 2, 3),
-             (32, 128, 8, 1, 3), (128, 128, 4, 4, 4), (128, 256, 8, 4, 2),
-             # wide steps: 8 groups per row per step, so a warp reads 512 contiguous bytes of one row
-             (32, 1024, 2, 4, 1), (16, 1024, 2, 4, 1), (32, 1024, 1, 4, 3), (16, 1024, 4, 4, 1)]
+    # H100 sweep (triton 3.6): 1-2 warps and 8-16 splits win; the register double buffer and the pipeline tie
+    table = [(64, 128, 8, 2, 1), (64, 128, 16, 2, 1), (32, 256, 8, 1, 3), (64, 128, 8, 2, 3), (32, 128, 8, 1, 3),
+             (32, 256, 16, 1, 3), (64, 128, 16, 2, 3), (128, 128, 16, 4, 1)]
     return [dict(BLOCK_N=n, BLOCK_K=k // (bits // 4), SPLIT_K=s, num_warps=w, num_stages=st) for n, k, s, w, st in table]
 
 
@@ -96,13 +95,14 @@ def gemm_configs(M: int) -> list[dict]:
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FOLD=1, ASM=0) if M <= 16
                 else dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=0, ASM=0)]
     if M <= 16:
-        table = [(16, 64, 128, 2, 4, 3, 1, 1), (16, 64, 128, 4, 4, 3, 1, 1), (16, 128, 128, 2, 8, 3, 1, 1),
-                 (16, 128, 128, 1, 4, 3, 1, 1), (16, 64, 128, 1, 4, 4, 1, 1), (16, 32, 128, 4, 4, 3, 1, 1),
-                 (16, 128, 64, 2, 4, 4, 1, 1), (16, 64, 128, 4, 4, 3, 0, 1), (16, 64, 128, 4, 4, 3, 1, 0)]
+        table = [(16, 64, 128, 4, 2, 3, 1, 1), (16, 32, 128, 4, 1, 3, 1, 1), (16, 64, 128, 2, 4, 3, 1, 1),
+                 (16, 64, 128, 4, 4, 3, 0, 1), (16, 32, 128, 8, 2, 3, 1, 1), (16, 64, 128, 4, 4, 3, 1, 0)]
+    elif M <= 64:  # few rows: still the weight stream, with the skinny kernel's split-K
+        table = [(64, 64, 128, 4, 4, 3, 1, 1), (32, 64, 128, 4, 2, 3, 1, 1), (64, 64, 128, 2, 4, 3, 0, 1),
+                 (64, 128, 128, 2, 8, 3, 0, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1)]
     else:
-        table = [(128, 128, 64, 1, 8, 3, 0, 1, 1), (128, 256, 64, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1),
-                 (128, 128, 64, 1, 8, 4, 0, 1, 1), (64, 256, 64, 1, 8, 3, 0, 1, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1),
-                 (128, 128, 64, 1, 8, 3, 0, 1, 0), (64, 128, 128, 1, 4, 3, 1, 1, 0), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
+        table = [(128, 128, 128, 1, 8, 3, 0, 1, 1), (128, 128, 64, 1, 8, 3, 0, 1, 0), (64, 128, 64, 1, 4, 3, 0, 1, 1),
+                 (128, 256, 64, 1, 8, 3, 0, 1, 1), (128, 128, 64, 1, 8, 3, 0, 1, 1), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
     table = [row if len(row) == 9 else (*row, 0) for row in table]
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f, ASM=a, IL=il)
             for m, n, k, s, w, st, f, a, il in table]

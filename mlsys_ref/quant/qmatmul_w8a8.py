@@ -108,9 +108,9 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
 def _gemm_configs() -> list[dict]:
     if is_interpreter():
         return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)]
-    table = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
-             (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 64, 256, 4, 4),
-             (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (64, 128, 256, 4, 3)]
+    # H100 sweep (M = 256): small tiles (more programs than SMs) win at N = 4096, 128 x 128 at N = 11008
+    table = [(64, 64, 256, 4, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 5), (64, 128, 256, 4, 3),
+             (64, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 64, 256, 4, 4)]
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in table]
 
 

@@ -98,16 +98,6 @@ def test_gemv_pipelined_loop(device, even_k):
     check(torch.randn(1, K, device=device, dtype=torch.float16), ql, config=config)
 
 
-@pytest.mark.parametrize("bits,symmetric,K,dtype", [(4, True, 256, torch.float16), (4, False, 288, torch.float32),
-                                                     (8, True, 256, torch.float16), (8, False, 200, torch.float16)])
-@pytest.mark.parametrize("block_k", [64, 128])
-def test_gemv_rows_loop(device, bits, symmetric, K, dtype, block_k):
-    """The GEMV that loops over rows (x loaded once per K range), split over K ranges or not, ragged K."""
-    ql = make_layer(45, K, bits, 32 if K % 32 == 0 else None, symmetric, device, bias=True)
-    config = dict(BLOCK_N=8, BLOCK_K=block_k if K > block_k else 512, ROWS=24, SPLIT_K=1, num_warps=4, num_stages=1)
-    check(torch.randn(1, K, device=device, dtype=dtype), ql, config=config, bias=ql.bias.to(dtype))
-
-
 @pytest.mark.parametrize("fold", [0, 1])
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
 def test_gemm_fold_and_per_weight_scales(device, fold, bits, symmetric):
