@@ -143,6 +143,9 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
             p_next = tl.load(w_rows + kw[None, :, :], mask=tl.where(k_start < k_end, n_mask, False)[:, None, None], other=0)
         else:
             p_next = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
+        run_k = k_start + offs_g * BLOCK_KG  # the scales too: a first touch of them is a DRAM round trip
+        s_next = tl.load(s_ptr + offs_n[:, None] * stride_sn + (run_k // group_size)[None, :] * stride_sg,
+                         mask=n_mask[:, None] & (run_k < k_end)[None, :], other=0)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipeline
         k0 = tl.multiple_of(k0, BLOCK_K)  # k_per_split is a multiple of BLOCK_K: aligned 16-byte loads
         if STAGES == 1:
@@ -163,7 +166,12 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
         g = run_k // group_size  # each run lies in one group
         sz_offs = offs_n[:, None] * stride_sn + g[None, :] * stride_sg  # [BLOCK_N, BLOCK_G]
         sz_mask = n_mask[:, None] & (run_k < k_end)[None, :]  # runs past K (a ragged last step) have no group
-        s = tl.load(s_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32)
+        if STAGES == 1:
+            s, g = s_next.to(tl.float32), (run_k + BLOCK_K) // group_size
+            s_next = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                             mask=n_mask[:, None] & (run_k + BLOCK_K < k_end)[None, :], other=0)
+        else:
+            s = tl.load(s_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32)
         if SIGNED:  # int8 byte b = q mod 256: flipping each byte's top bit gives u = q + 128 (0x80808080)
             p = p ^ -0x7F7F7F80
         for j in tl.static_range(PAIRS):
@@ -379,16 +387,14 @@ def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool) -> str:
 
 
 if __name__ == "__main__":
-    from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
-    from mlsys_ref.quant.linear import QuantizedLinear
     from mlsys_ref.backend import default_device
+    from mlsys_ref.quant.linear import QuantizedLinear
+    from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
     from mlsys_ref.testing import max_error
 
     print("inline PTX for bf16 x, symmetric int4 (GPU GEMM):", nibble_ptx(torch.bfloat16, 8, scaled=False), sep="\n")
-    torch.manual_seed(0)
     ql = QuantizedLinear.from_linear(torch.nn.Linear(256, 40), 4, 64, symmetric=False).to(default_device())
     for M in (1, 16, 33):  # GEMV, skinny tiled (split-K), tiled
-        x = torch.randn(M, 256, device=default_device(), dtype=torch.float16)
-        y = quant_matmul(x, ql.qweight, ql.scales, ql.zeros, bits=4)
-        print(f"M={M:2d}: max error vs dequantize-then-matmul "
-              f"{max_error(y, quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4)):.2e}")
+        x, args = torch.randn(M, 256, device=default_device(), dtype=torch.float16), (ql.qweight, ql.scales, ql.zeros)
+        error = max_error(quant_matmul(x, *args, bits=4), quant_matmul_reference(x.double(), *args, bits=4))
+        print(f"M={M:2d}: max error vs dequantize-then-matmul {error:.2e}")
