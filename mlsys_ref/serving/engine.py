@@ -184,14 +184,17 @@ class Engine:
             return outputs
         record.chunks = [(c.seq.seq_id, c.start, c.end, "decode" if c.is_decode else "prefill") for c in batch.chunks]
         self.runner.copy_blocks(self.block_manager.copy_on_write_pending())
-        logits = self.runner.execute(batch.chunks, self.block_manager)  # [R, vocab]
-        sampling = [c.seq for c in batch.chunks if c.sample]
-        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        logits = self.runner.execute(batch.chunks, self.block_manager)  # [R, vocab], still being computed
+        # host work that needs no sampled token runs while the GPU computes (sample() is the step's one sync):
+        # the K/V of these positions is being written (any reader is a later step on the same stream); only
+        # full blocks are shared, so tell the block manager when one fills
         block_size = self.block_manager.block_size
-        for chunk in batch.chunks:  # only now is the K/V of these positions in the cache; only full
-            if chunk.end // block_size > chunk.start // block_size:  # blocks are shared, so tell it when one fills
+        for chunk in batch.chunks:
+            if chunk.end // block_size > chunk.start // block_size:
                 self.block_manager.mark_computed(chunk.seq.seq_id, chunk.end)
         record.used_blocks = self.block_manager.num_blocks - len(self.block_manager.free_list) - len(self.block_manager.cached)
+        sampling = [c.seq for c in batch.chunks if c.sample]
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         now = time.perf_counter()
         for seq, new, finished in self.scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampling, tokens)}):
             times = self.times[seq.seq_id]
