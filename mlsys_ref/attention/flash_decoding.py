@@ -239,7 +239,8 @@ def _run(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict) -> N
         compiled = kernel[grid](*args, **constexprs, **options)
         if len(_COMPILED) > 256:  # shapes come and go (cache lengths): a bounded cache
             _COMPILED.clear()
-        _COMPILED[key] = (compiled[grid + (1,) * (3 - len(grid))], tuple(constexprs[name] for name in kernel.arg_names[len(args):]))
+        constexpr_values = tuple(constexprs[name] for name in kernel.arg_names[len(args):])  # in signature order
+        _COMPILED[key] = (compiled[grid + (1,) * (3 - len(grid))], constexpr_values)
         return
     launcher, constexpr_values = cached
     launcher(*args, *constexpr_values)  # the compiled launcher takes every argument, constexprs included, in order

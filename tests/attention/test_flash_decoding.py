@@ -146,7 +146,8 @@ def test_gpu_direct_launch_matches_reference_on_new_data_and_alignments(device):
         q = torch.randn(2, 32, 1, 128, device=device, dtype=torch.bfloat16)
         flat = torch.randn(2 * 2 * 8 * 1000 * 128 + 1, device=device, dtype=torch.bfloat16)
         start = 1 if step == 3 else 0  # the last step: K/V start 2 bytes past an aligned address
-        k_cache, v_cache = flat[start:start + 2 * 8 * 1000 * 128].view(2, 8, 1000, 128), flat[-2 * 8 * 1000 * 128:].view(2, 8, 1000, 128)
+        size = 2 * 8 * 1000 * 128
+        k_cache, v_cache = flat[start:start + size].view(2, 8, 1000, 128), flat[-size:].view(2, 8, 1000, 128)
         lengths = [1000 - 97 * step, 1 + 300 * step]
         out = flash_decode(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, device=device, dtype=torch.int32))
         assert_close(out, _expected(q, k_cache, v_cache, lengths).to(torch.bfloat16), torch.bfloat16)
