@@ -116,10 +116,10 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
     The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 1 + u·2^-p by
     bit operations alone (_pair_codes); with x pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u, so per weight
     only shift/LOP3 + one FMA remain; Σ x̃, Σ x, scales and zeros are applied once per group run.
-    A step reads [BLOCK_N, BLOCK_G, BLOCK_WG] words (BLOCK_G runs of BLOCK_KG codes, each inside one
-    group); the next step's words are loaded before this step's arithmetic (register double buffer).
-    Split-K: each program stores its fp32 partials, and the last of the SPLIT_K programs of a tile
-    (an atomic counter) sums them in a fixed order -- one launch, deterministic."""
+    A step reads [BLOCK_N, BLOCK_G, BLOCK_WG] words (BLOCK_G runs of BLOCK_KG codes, each inside one group);
+    STAGES = 1 loads the next step's words and scales during this step (register double buffer), STAGES > 1
+    leaves it to Triton's cp.async pipeline. Split-K: each program stores its fp32 partials, and the last of
+    the SPLIT_K programs of a tile (an atomic counter) sums them in a fixed order: one launch, deterministic."""
     CPW: tl.constexpr = 32 // BITS  # codes per int32 word
     PAIRS: tl.constexpr = CPW // 2  # x pairs (one int32 word of a 16-bit x) per weight word
     HI: tl.constexpr = 16.0 if BITS == 4 else 256.0  # x̃ scale of the high code of a pair (2^p)
@@ -137,9 +137,9 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
     k_end = tl.minimum(k_start + k_per_split, K)
     kw_end = k_end // CPW
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)  # per run position: reduced over runs once, at the end
-    if STAGES == 1:  # register double buffer: the first step's words now, each next step's during this one
+    if STAGES == 1:  # the first step's words now, each next step's during this one
         kw = k_start // CPW + col
-        if EVEN_K:  # a mask constant along K keeps the 16-byte vector loads (tl.where: `bool & scalar` trips the interpreter)
+        if EVEN_K:  # a mask constant along K keeps 16-byte loads (tl.where: `bool & scalar` trips the interpreter)
             p_next = tl.load(w_rows + kw[None, :, :], mask=tl.where(k_start < k_end, n_mask, False)[:, None, None], other=0)
         else:
             p_next = tl.load(w_rows + kw[None, :, :], mask=n_mask[:, None, None] & (kw[None, :, :] < kw_end), other=0)
