@@ -159,7 +159,7 @@ MAX_SPLITS = 128
 def _default_splits(batch: int, kv_heads: int, cache_len: int, sm_count: int | None) -> int:
     """Key chunks per sequence: when batch × KV heads programs cannot fill the ``sm_count`` SMs, split the keys
     into one wave of programs (at most one per SM), keeping >= MIN_SPLIT_KEYS keys per split. Measured on an
-    H100 at batch 1 (carry/gpu_decode.sh): one wave of long splits beats 2-8 waves of short ones, whose extra
+    H100 at batch 1 (measured 2026-11-26): one wave of long splits beats 2-8 waves of short ones, whose extra
     partial results and shorter pipelined loops cost more than the fuller GPU gains. ``sm_count`` None (the
     interpreter): a few splits, so that the CPU tests exercise the combine."""
     if sm_count is None:
@@ -228,7 +228,7 @@ def _run(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict) -> N
     """``kernel[grid](*args, **constexprs, **options)``; from the second call with the same specialization on,
     through the compiled kernel's own launcher. Triton's JIT dispatch (binding the arguments, specializing them,
     hashing the cache key) costs ~20 us of host time per launch with Triton 3.6 on an H100 host, more than the
-    GPU time of a batch-1 decode step (carry/gpu_decode.sh: 30 us per JIT launch, 11 us per direct launch)."""
+    GPU time of a batch-1 decode step (measured 2026-11-26: 30 us per JIT launch, 11 us per direct launch)."""
     if is_interpreter():
         kernel[grid](*args, **constexprs, **options)
         return
