@@ -12,6 +12,8 @@ import csv
 import datetime
 import platform
 import re
+import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +27,25 @@ DATASHEET = {
     "h100-pcie": {"bf16_tflops": 756.0, "hbm_tbps": 2.0},
     "h200": {"bf16_tflops": 989.0, "hbm_tbps": 4.8},
 }
+
+
+def sync(device) -> None:
+    """Wait for the GPU (nothing to wait for on the CPU): wall-clock timings of whole runs need it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def section(name: str, function, *args, since: float | None = None) -> None:
+    """Run one benchmark section and print its time; ``since``: also print the time elapsed from it.
+    A failing section is reported and skipped, so one failure does not lose the others."""
+    print(f"== {name}" + (f" (t = {time.perf_counter() - since:.0f} s)" if since is not None else ""), flush=True)
+    start = time.perf_counter()
+    try:
+        function(*args)
+    except Exception as error:  # one failing section must not lose the others
+        print(f"   SKIPPED {name}: {type(error).__name__}: {error}")
+        traceback.print_exc(limit=4)
+    print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def require_cuda(script: str) -> None:

@@ -35,6 +35,7 @@ import traceback
 
 import torch
 
+from common import section, sync
 from mlsys_ref.serving.engine import Engine, static_batching
 from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.sampling import SamplingParams
@@ -44,22 +45,6 @@ from serving_support import (StepProfile, bench_transformers, check_against_refe
 ROWS: list[dict] = []
 GRAPH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
 TOKEN_SIZES = [64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def section(name: str, function, *args) -> None:
-    print(f"== {name}", flush=True)
-    start = time.perf_counter()
-    try:
-        function(*args)
-    except Exception as error:  # one failing section must not lose the others
-        print(f"   SKIPPED {name}: {type(error).__name__}: {error}")
-        traceback.print_exc(limit=4)
-    print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def add_row(system: str, batch: str, requests: int, tokens: int, seconds: float, **extra) -> None:

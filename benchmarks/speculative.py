@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from common import section, sync  # noqa: E402
 from mlsys_ref.serving.drafters import ModelDrafter, NGramDrafter, distill_exit_head
 from mlsys_ref.serving.engine import Engine
 from mlsys_ref.serving.model import Llama, LlamaConfig
@@ -74,22 +74,6 @@ QUESTIONS = ["How does a CPU cache work? Explain in a few paragraphs.",
 DISTILL_QUESTIONS = ["Tell me about the history of the printing press.", "How do airplanes stay in the air?",
                      "What is a good morning routine?", "Explain photosynthesis step by step.",
                      "Write a poem about the sea.", "What is machine learning?"]
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def section(name: str, function, *args) -> None:
-    print(f"== {name} (t = {time.perf_counter() - START:.0f} s)", flush=True)
-    start = time.perf_counter()
-    try:
-        function(*args)
-    except Exception as error:  # one failing section must not lose the others
-        print(f"   SKIPPED {name}: {type(error).__name__}: {error}")
-        traceback.print_exc(limit=4)
-    print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def passages(count: int) -> tuple[list[str], str]:
@@ -279,19 +263,19 @@ def main() -> None:
     prompts = make_prompts(args, tokenizer, model.config.vocab_size)
     print(f"{model_note}; prompts: repeat {[len(p) for p in prompts['repeat']]}, chat {[len(p) for p in prompts['chat']]} tokens")
     args.reference_outputs = {}
-    section("target only (CUDA-graph decode)", bench_baseline, model, args, prompts)
+    section("target only (CUDA-graph decode)", bench_baseline, model, args, prompts, since=START)
     report(args, model_note)
-    section("n-gram (prompt lookup)", bench_drafter, model, args, prompts, "n-gram", NGramDrafter(model.config.vocab_size), ks)
+    section("n-gram (prompt lookup)", bench_drafter, model, args, prompts, "n-gram", NGramDrafter(model.config.vocab_size), ks, since=START)
     report(args, model_note)
     model_ks = [k for k in ks if k <= 4]  # eager drafting: k = 8 costs more than it can save here
     holder = {}
-    section("distilling the small model's exit head", lambda: holder.update(d=distilled_drafter(model, args, tokenizer)))
+    section("distilling the small model's exit head", lambda: holder.update(d=distilled_drafter(model, args, tokenizer)), since=START)
     if "d" in holder:
         section("small model (self-draft + distilled exit head)", bench_drafter, model, args, prompts, "small model",
-                holder["d"], model_ks, [max(model_ks)])
+                holder["d"], model_ks, [max(model_ks)], since=START)
         report(args, model_note)
     section(f"self-draft ({args.layers} layers)", bench_drafter, model, args, prompts, "self-draft",
-            ModelDrafter(model, args.layers), model_ks, [max(model_ks)])
+            ModelDrafter(model, args.layers), model_ks, [max(model_ks)], since=START)
     report(args, model_note)
     print(f"done in {time.perf_counter() - START:.0f} s")
 
