@@ -1,4 +1,16 @@
-"""Helpers shared by the engine tests (plain and speculative)."""
+"""Helpers shared by the serving tests (engine, speculative, reference generate)."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Autouse in the modules that import it. Tiny models run hundreds of 1-token forwards: intra-op threads only add sync cost (40x on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_with_arrivals(engine, prompts, params, arrivals):

@@ -6,15 +6,7 @@ import torch
 from mlsys_ref.serving.generate import ContiguousKVCache, generate
 from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.testing import assert_close
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run hundreds of 1-token forwards: intra-op threads only add sync cost (40x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from engine_helpers import one_thread  # noqa: F401 (autouse: this module runs on one intra-op thread)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,9 @@ from mlsys_ref.serving.generate import generate
 from mlsys_ref.serving.model import Llama, LlamaConfig
 from mlsys_ref.serving.speculative import (acceptance_rate, expected_tokens_per_step, speculative_generate,
                                            verify, verify_greedy)
+from engine_helpers import one_thread  # noqa: F401 (autouse: this module runs on one intra-op thread)
 
 SIGNIFICANCE = 1e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run hundreds of 1-token forwards: intra-op threads only add sync cost (40x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
