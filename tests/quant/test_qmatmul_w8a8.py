@@ -25,9 +25,10 @@ def int8_weight(N, K, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 75), (3, 300), (2, 3, 17)])
+@pytest.mark.parametrize("shape", [(1, 75), (3, 300), (2, 3, 17), (11, 40), (64, 1000)])
 def test_quantize_per_token_equals_torch(device, dtype, shape):
-    x = torch.randn(shape, device=device, dtype=dtype) * 3
+    magnitude = 10.0 ** torch.randint(-3, 4, (*shape[:-1], 1))  # tokens of very different scales
+    x = (torch.randn(shape) * magnitude).to(device=device, dtype=dtype)
     x[..., 0, :] = 0  # an all-zero token (scale 1, codes 0)
     q, s = quantize_per_token(x)
     q_ref, s_ref = quantize_per_token_reference(x)
