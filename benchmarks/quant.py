@@ -38,7 +38,8 @@ from mlsys_ref.quant import qmatmul  # noqa: E402
 from mlsys_ref.quant.linear import QuantizedLinear  # noqa: E402
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference  # noqa: E402
 from mlsys_ref.quant.qmatmul_tune import tuned_configs  # noqa: E402
-from mlsys_ref.quant.qmatmul_w8a8 import quantize_per_token, w8a8_linear, w8a8_linear_reference, w8a8_matmul  # noqa: E402
+from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, rms_norm, rms_norm_quantize_per_token, w8a8_linear,  # noqa: E402
+                                          w8a8_linear_reference, w8a8_matmul)
 from mlsys_ref.testing import assert_close, max_error  # noqa: E402
 
 DEVICE = "cuda"  # a CPU dry run of this script sets "cpu" (tests nothing about speed)
@@ -93,7 +94,10 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
         "W4A16 g128": ((w4.qweight, w4.scales), nbytes(w4.qweight, w4.scales)),
         "W8A8": ((w8.qweight, w8.scales), nbytes(w8.qweight, w8.scales)),
         "W8A8 GEMM only": ((w8.qweight, w8.scales), nbytes(w8.qweight, w8.scales)),
+        "bf16 RMSNorm + cuBLAS": ((W,), nbytes(W)),
+        "W8A8 + quant fused in RMSNorm": ((w8.qweight, w8.scales), nbytes(w8.qweight, w8.scales)),
     }
+    norm_weight = torch.rand(K, device=DEVICE, dtype=torch.bfloat16) + 0.5
     rows = []
     for M in Ms:
         x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
@@ -104,6 +108,11 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
             "W4A16 g128": lambda c: quant_matmul(x, c[0], c[1], bits=4),
             "W8A8": lambda c: w8a8_linear(x, c[0], c[1]),
             "W8A8 GEMM only": lambda c: w8a8_matmul(xq, xs, c[0], c[1], out_dtype=torch.bfloat16),
+            # SmoothQuant's layout of a block: the norm before each W8A8 linear emits int8 (one kernel), the
+            # bf16 layer runs the same norm kernel emitting bf16; each side is one norm + one GEMM
+            "bf16 RMSNorm + cuBLAS": lambda c: F.linear(rms_norm(x, norm_weight), c[0]),
+            "W8A8 + quant fused in RMSNorm": lambda c: w8a8_matmul(*rms_norm_quantize_per_token(x, norm_weight), c[0], c[1],
+                                                                   out_dtype=torch.bfloat16),
         }
         # -- correctness first: each kernel against dequantize-then-matmul (or W8A8's own reference);
         # a kernel that fails is reported (FAILURES, non-zero exit) and not timed, the others still are
@@ -113,6 +122,10 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
                                                     f"W4A16 M={M} N={N} K={K}"),
             "W8A8": lambda: assert_close(ops["W8A8"](formats["W8A8"][0]), w8a8_linear_reference(x, w8.qweight, w8.scales),
                                          torch.bfloat16, name=f"W8A8 M={M} N={N} K={K}"),
+            "W8A8 + quant fused in RMSNorm": lambda: assert_close(
+                ops["W8A8 + quant fused in RMSNorm"](formats["W8A8"][0]),
+                w8a8_linear_reference(rms_norm(x, norm_weight), w8.qweight, w8.scales), torch.bfloat16,
+                name=f"W8A8 fused M={M} N={N} K={K}"),
         }
         failed = set()
         for name, check in checks.items():
@@ -131,13 +144,14 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
             sets = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
             timings[name] = graph_time_us(lambda i: op(sets[i]), copies)
             del sets
-        base = timings["bf16 cuBLAS"][0]
         for name, (us, p20, p80) in timings.items():
+            base = timings[BASELINE.get(name, "bf16 cuBLAS")][0]
             weight_bytes = formats[name][1]
             rows.append({
                 "kernel": name, "shape": f"{N}x{K}", "M": M, "N": N, "K": K, "us": us, "us_p20": p20, "us_p80": p80,
                 "weight_MB": weight_bytes / 1e6, "weight_TBps": weight_bytes / (us * 1e-6) / 1e12,
                 "pct_copy_bw": 100 * weight_bytes / (us * 1e-6) / 1e12 / copy_tbps, "speedup_vs_bf16": base / us,
+                "baseline": BASELINE.get(name, "bf16 cuBLAS"),
             })
             print(f"  {name:15s} M={M:4d} {N:5d}x{K:<5d} {us:8.1f} us  {rows[-1]['weight_TBps']:.2f} TB/s "
                   f"({rows[-1]['pct_copy_bw']:.0f}% of copy)  {base / us:.2f}x bf16", flush=True)
@@ -217,9 +231,11 @@ def decode_rows(layers: int, **sizes) -> list[dict]:
     return rows
 
 
+BASELINE = {"W8A8 + quant fused in RMSNorm": "bf16 RMSNorm + cuBLAS"}  # a row's bf16 counterpart (default: bf16 cuBLAS)
 TARGETS = [  # (kernel, M, floor, target) on the speed-up over bf16
     ("W4A16 g128", 1, 2.5, 3.5), ("W8A16", 1, 1.6, 1.9), ("W4A16 g128", 16, 2.0, 3.0),
     ("W4A16 g128", 256, 0.9, 1.0), ("W8A8", 256, 1.3, 1.7), ("W8A8 GEMM only", 256, 1.3, 1.7),
+    ("W8A8 + quant fused in RMSNorm", 256, 1.3, 1.7),
 ]
 
 
@@ -229,7 +245,7 @@ def targets_note(rows: list[dict]) -> str:
         values = [r["speedup_vs_bf16"] for r in rows if r["kernel"] == kernel and r["M"] == M]
         if values:
             shown = ", ".join(f"{v:.2f}x" for v in values)
-            lines.append(f"| {kernel}, M = {M} vs bf16 | {floor}x | {target}x | {shown} | "
+            lines.append(f"| {kernel}, M = {M} vs {BASELINE.get(kernel, 'bf16 cuBLAS')} | {floor}x | {target}x | {shown} | "
                          f"{'yes' if min(values) >= floor else 'NO'} |")
     gemv = [r["pct_copy_bw"] for r in rows if r["kernel"] == "W4A16 g128" and r["M"] == 1]
     if gemv:

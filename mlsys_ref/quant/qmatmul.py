@@ -61,6 +61,11 @@ from mlsys_ref.quant.primitives import dequantize, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, nibble_ptx
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, pick_config
 
+try:  # host-side TMA descriptors (triton >= 3.3); without them the TMA configs read x by pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "use_kernels",
            "kernel_applies"]
 
@@ -88,6 +93,12 @@ def _words_fit(qweight: torch.Tensor, K: int, bits: int) -> bool:
     """The GEMV reads qweight as int32 words: whole words per row, 4-byte aligned rows."""
     return (K % (32 // bits) == 0 and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0
             and qweight.storage_offset() % 4 == 0)
+
+
+def _tma_fits(x2: torch.Tensor) -> bool:
+    """A TMA descriptor needs unit stride along K and 16-byte aligned rows and base."""
+    return (TensorDescriptor is not None and x2.stride(1) == 1 and (x2.stride(0) * x2.element_size()) % 16 == 0
+            and x2.data_ptr() % 16 == 0)
 
 
 _COUNTERS: dict = {}  # device -> int32 arrival counters of the split-K GEMV, zero between launches
@@ -212,11 +223,16 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         # INTERLEAVE (inline PTX only): codes back in k order, so x is read as stored, one dot per chunk
         interleave = bool(cfg.get("IL", 0)) and bool(asm_q if cfg.get("FOLD", 1) else asm_w) and asm
         xk = x2 if interleave else xg
+        # TMA (interleaved path): x's tiles by the tensor-memory accelerator -- one instruction per
+        # [BLOCK_M, BLOCK_K] tile instead of per-thread address math, what large-M tiles need (see the benchmark)
+        x_desc = bool(cfg.get("TMA", 0)) and interleave and _tma_fits(x2)
         _qgemm_kernel[grid](
-            xk, qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
+            TensorDescriptor.from_tensor(x2, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if x_desc else xk,
+            qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
             xk.stride(0), xk.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-2), target.stride(-1),
             SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, X_PAIRS=xk.dtype == torch.int32, INTERLEAVE=interleave,
+            X_DESC=x_desc,
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
             PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
             ASM_Q=asm_q if asm else "", ASM_W=asm_w if asm else "", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

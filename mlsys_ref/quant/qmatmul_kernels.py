@@ -253,7 +253,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
                   FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM_Q: tl.constexpr, ASM_W: tl.constexpr,
-                  INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  INTERLEAVE: tl.constexpr, X_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
     as the left operand (N fills the MMA's M slot, so M = 16 wastes nothing); optional split-K."""
     PACK: tl.constexpr = 8 // BITS
@@ -265,7 +266,10 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
     offs_j = tl.arange(0, BLOCK_KP)
     m_mask, n_mask = offs_m < M, offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm  # int64 row offset; offs below are local
+    if X_DESC:  # x_ptr is a TMA descriptor of x [M, K]: a tile is one bulk copy, no per-thread addresses
+        x_rows = x_ptr
+    else:
+        x_rows = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm  # int64 row offset; offs below are local
     local_m = tl.arange(0, BLOCK_M)
     rows_left = M - pid_m * BLOCK_M
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -294,7 +298,10 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                                                       is_pure=True, pack=2)
         if INTERLEAVE:  # codes back in k order, (even, odd) adjacent: one dot against x as stored, [BLOCK_K, BLOCK_M]
             w = tl.join(q_even, q_odd).reshape(BLOCK_N, BLOCK_K).to(DOT, bitcast=True)
-            xs = _load_x(x_rows, k0, 0, tl.arange(0, BLOCK_K), local_m, rows_left, K, stride_xm, stride_xk, 1, DOT)
+            if X_DESC:  # [BLOCK_K, BLOCK_M]; rows past M (and columns past K) arrive as zeros
+                xs = tl.trans(x_ptr.load([pid_m * BLOCK_M, k0]))
+            else:
+                xs = _load_x(x_rows, k0, 0, tl.arange(0, BLOCK_K), local_m, rows_left, K, stride_xm, stride_xk, 1, DOT)
             if FOLD:
                 part = tl.dot(w, xs, input_precision=PRECISION)
                 if HAS_ZEROS:
@@ -385,16 +392,3 @@ def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool) -> str:
         scale_lo=f" mul.rn.{'bf16x2' if bf16 else 'f16x2'} $0, $0, $3;" if scaled else "",
         scale_hi=f" mul.rn.{'bf16x2' if bf16 else 'f16x2'} $1, $1, $3;" if scaled else "")
 
-
-if __name__ == "__main__":
-    from mlsys_ref.backend import default_device
-    from mlsys_ref.quant.linear import QuantizedLinear
-    from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
-    from mlsys_ref.testing import max_error
-
-    print("inline PTX for bf16 x, symmetric int4 (GPU GEMM):", nibble_ptx(torch.bfloat16, 8, scaled=False), sep="\n")
-    ql = QuantizedLinear.from_linear(torch.nn.Linear(256, 40), 4, 64, symmetric=False).to(default_device())
-    for M in (1, 16, 33):  # GEMV, skinny tiled (split-K), tiled
-        x, args = torch.randn(M, 256, device=default_device(), dtype=torch.float16), (ql.qweight, ql.scales, ql.zeros)
-        error = max_error(quant_matmul(x, *args, bits=4), quant_matmul_reference(x.double(), *args, bits=4))
-        print(f"M={M:2d}: max error vs dequantize-then-matmul {error:.2e}")

@@ -85,12 +85,13 @@ def gemv_configs(bits: int = 4) -> list[dict]:
 
 
 def gemm_configs(M: int) -> list[dict]:
-    """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, FOLD, ASM[, IL]); M <= 16 is the skinny,
+    """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, FOLD, ASM[, IL[, TMA]]); M <= 16 is the skinny,
     GEMV-like regime (one 16-row tile, split-K), larger M the tiled GEMM. FOLD = 1: exact codes in the dot,
     scales applied per chunk to the [BLOCK_N, BLOCK_M] product (cheap when BLOCK_M is small); FOLD = 0: scales
     per weight (cheap when BLOCK_M is large). ASM = 1: int4 codes by inline PTX (GPU, 16-bit x; see nibble_ptx);
     IL = 1 puts them back in k order, so x is read as stored and the MMA of one chunk overlaps the next chunk's
-    dequantization (the tiled GEMM; one dot per chunk instead of two)."""
+    dequantization (the tiled GEMM; one dot per chunk instead of two); TMA = 1 (with IL) loads x's tiles through
+    a tensor descriptor."""
     if is_interpreter():
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FOLD=1, ASM=0) if M <= 16
                 else dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=0, ASM=0)]
@@ -100,12 +101,13 @@ def gemm_configs(M: int) -> list[dict]:
     elif M <= 64:  # few rows: still the weight stream, with the skinny kernel's split-K
         table = [(64, 64, 128, 4, 4, 3, 1, 1), (32, 64, 128, 4, 2, 3, 1, 1), (64, 64, 128, 2, 4, 3, 0, 1),
                  (64, 128, 128, 2, 8, 3, 0, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1)]
-    else:
-        table = [(128, 128, 128, 1, 8, 3, 0, 1, 1), (128, 128, 64, 1, 8, 3, 0, 1, 0), (64, 128, 64, 1, 4, 3, 0, 1, 1),
-                 (128, 256, 64, 1, 8, 3, 0, 1, 1), (128, 128, 64, 1, 8, 3, 0, 1, 1), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
-    table = [row if len(row) == 9 else (*row, 0) for row in table]
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f, ASM=a, IL=il)
-            for m, n, k, s, w, st, f, a, il in table]
+    else:  # H100 sweep at M = 256: all 256 rows in one tile, x by TMA (the 10th field), split-K 2 to fill the SMs
+        table = [(256, 64, 128, 2, 4, 3, 0, 1, 1, 1), (256, 128, 128, 1, 8, 2, 0, 1, 1, 1), (128, 128, 128, 2, 8, 3, 0, 1, 1, 1),
+                 (128, 128, 128, 2, 8, 3, 0, 1, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1),
+                 (128, 128, 64, 1, 8, 3, 0, 1, 0), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
+    table = [(*row, 0, 0)[:10] if len(row) < 10 else row for row in table]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f, ASM=a, IL=il, TMA=tma)
+            for m, n, k, s, w, st, f, a, il, tma in table]
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from mlsys_ref.backend import check_kernel_device, is_interpreter, require_trito
 from mlsys_ref.quant.primitives import quantize
 from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
 
-__all__ = ["quantize_per_token", "w8a8_matmul", "w8a8_linear", "quantize_per_token_reference",
-           "w8a8_matmul_reference", "w8a8_linear_reference"]
+__all__ = ["quantize_per_token", "w8a8_matmul", "w8a8_linear", "rms_norm", "rms_norm_quantize_per_token",
+           "quantize_per_token_reference", "w8a8_matmul_reference", "w8a8_linear_reference", "rms_norm_reference"]
 
 
 @triton.jit
@@ -54,7 +54,18 @@ def _divide(x, d, inverse):
 
 
 @triton.jit
-def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
+def _quantize_rows(v, rows, row_mask, mask, q_rows, offs, s_ptr):
+    """v [ROWS, BLOCK_K] fp32, whole tokens (zeros where masked) -> Xq and Δx stored: the one-pass body."""
+    scale = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)  # Δx = max_k |x[row, k]| / 127
+    scale = tl.where(scale > 0, scale, 1.0)  # an all-zero token: any scale is exact
+    tl.store(s_ptr + rows, scale, mask=row_mask)
+    inverse = tl.math.div_rn(1.0, scale)[:, None]  # one IEEE division per token, none per element
+    code = tl.minimum(tl.maximum(_round_half_even(_divide(v, scale[:, None], inverse)), -128.0), 127.0)
+    tl.store(q_rows + offs[None, :], code.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm,
                                ONE_PASS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """ROWS tokens per program (short rows would leave most of a program idle), [ROWS, BLOCK_K] at a time."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -64,29 +75,43 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, 
     if ONE_PASS:  # BLOCK_K >= K: the rows are read once and stay in registers
         mask = row_mask[:, None] & (offs < K)[None, :]
         v = tl.load(x_rows + offs[None, :] * stride_xk, mask=mask, other=0).to(tl.float32)
-        amax = tl.abs(v)
-    else:  # -- pass 1: Δx = max_k |x[row, k]| / 127
+        _quantize_rows(v, rows, row_mask, mask, q_rows, offs, s_ptr)
+    else:  # -- pass 1: Δx = max_k |x[row, k]| / 127; pass 2: Xq = clamp(round(x / Δx), -128, 127)
         amax = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs
             x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_mask[:, None] & (k < K)[None, :], other=0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.math.div_rn(tl.max(amax, axis=1), 127.0)
-    scale = tl.where(scale > 0, scale, 1.0)  # an all-zero token: any scale is exact
-    tl.store(s_ptr + rows, scale, mask=row_mask)
-    inverse = tl.math.div_rn(1.0, scale)[:, None]  # one IEEE division per token, none per element
-    scale = scale[:, None]
-    # -- pass 2: Xq = clamp(round(x / Δx), -128, 127)
-    if ONE_PASS:
-        code = tl.minimum(tl.maximum(_round_half_even(_divide(v, scale, inverse)), -128.0), 127.0)
-        tl.store(q_rows + offs[None, :] * stride_qk, code.to(tl.int8), mask=mask)
-    else:
+        scale = tl.math.div_rn(tl.max(amax, axis=1), 127.0)
+        scale = tl.where(scale > 0, scale, 1.0)
+        tl.store(s_ptr + rows, scale, mask=row_mask)
+        inverse = tl.math.div_rn(1.0, scale)[:, None]
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs
             mask = row_mask[:, None] & (k < K)[None, :]
             v = tl.load(x_rows + k[None, :] * stride_xk, mask=mask, other=0).to(tl.float32)  # re-read (from L2)
-            code = tl.minimum(tl.maximum(_round_half_even(_divide(v, scale, inverse)), -128.0), 127.0)
-            tl.store(q_rows + k[None, :] * stride_qk, code.to(tl.int8), mask=mask)
+            code = tl.minimum(tl.maximum(_round_half_even(_divide(v, scale[:, None], inverse)), -128.0), 127.0)
+            tl.store(q_rows + k[None, :], code.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, q_ptr, s_ptr, M, K, eps, stride_xm, stride_ym, stride_qm,
+                     QUANTIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h = RMSNorm(x)·g as RMSNorm computes it in x's dtype; QUANTIZE: h never leaves registers, its int8
+    codes and Δx are stored instead (SmoothQuant's fusion of the quantization into the preceding norm)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    offs = tl.arange(0, BLOCK_K)
+    mask = row_mask[:, None] & (offs < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0).to(tl.float32)
+    r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / K + eps)  # 1 / sqrt(mean(x²) + eps), per token
+    dtype = x_ptr.dtype.element_ty
+    n = (x * r[:, None]).to(dtype).to(tl.float32)  # normalized in fp32, rounded to x's dtype, times g there
+    h = (n * tl.load(g_ptr + offs, mask=offs < K, other=0).to(dtype).to(tl.float32)[None, :]).to(dtype)
+    if QUANTIZE:
+        _quantize_rows(h.to(tl.float32), rows, row_mask, mask, q_ptr + rows[:, None] * stride_qm, offs, s_ptr)
+    else:
+        tl.store(y_ptr + rows[:, None] * stride_ym + offs[None, :], h, mask=mask)
 
 
 @triton.jit
@@ -167,9 +192,62 @@ def quantize_per_token(x: torch.Tensor, config: dict | None = None) -> tuple[tor
         config = config or _quantize_config(K)
         rows = config.get("ROWS", 1)
         _quantize_per_token_kernel[(triton.cdiv(x2.shape[0], rows),)](
-            x2, q, s, x2.shape[0], K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
+            x2, q, s, x2.shape[0], K, x2.stride(0), x2.stride(1), q.stride(0),
             ONE_PASS=config["BLOCK_K"] >= K, ROWS=rows, BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"])
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool):
+    """Validate, then launch _rms_norm_kernel: one pass, whole tokens in registers (K <= 16384)."""
+    name = "rms_norm_quantize_per_token" if quantize else "rms_norm"
+    require_triton(name)
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or not 0 < x.shape[-1] <= 16384:
+        raise ValueError(f"x must be [..., K] with 0 < K <= 16384 (one pass in registers), got {tuple(x.shape)}")
+    K = x.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.shape != (K,) or not weight.is_floating_point():
+        raise ValueError(f"weight must be a float tensor [K={K}], got {getattr(weight, 'shape', weight)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _check_device(("x", x), ("weight", weight))
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(0 if quantize else M, K, device=x.device, dtype=x.dtype)
+    q = torch.empty(M if quantize else 0, K, device=x.device, dtype=torch.int8)
+    s = torch.empty(M, 1, device=x.device, dtype=torch.float32)
+    if M:
+        config = _quantize_config(K)
+        block = triton.next_power_of_2(K)  # one pass, also under the interpreter
+        rows = max(1, min(config["ROWS"], 2048 // block)) if not is_interpreter() else 4
+        _rms_norm_kernel[(triton.cdiv(M, rows),)](
+            x2, weight.contiguous(), y if not quantize else x2, q if quantize else x2, s, M, K, float(eps), x2.stride(0),
+            y.stride(0) if not quantize else 0, q.stride(0) if quantize else 0, QUANTIZE=quantize, ROWS=rows,
+            BLOCK_K=block, num_warps=max(1, min(16, rows * block // 512)))
+    if quantize:
+        return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+    return y.reshape(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4) in one kernel: x / sqrt(mean(x²) + eps), rounded to x's dtype,
+    times weight in x's dtype -- the bf16 twin of :func:`rms_norm_quantize_per_token`, same code path."""
+    return _norm(x, weight, eps, quantize=False)
+
+
+def rms_norm_quantize_per_token(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """quantize_per_token(rms_norm(x, weight, eps)) in one kernel, bit for bit: the normalized activations
+    never reach memory in 16 bits, only their int8 codes and Δx (SmoothQuant §4: the activation
+    quantization is fused into the LayerNorm before each W8A8 linear, so it costs no extra pass)."""
+    return _norm(x, weight, eps, quantize=True)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """What :class:`mlsys_ref.serving.model.RMSNorm` computes with its weight in x's dtype."""
+    wide = x.float()
+    return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
 
 
 def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,

@@ -204,6 +204,21 @@ def test_gpu_int4_inline_ptx_variants(dtype, fold, asm, il, symmetric):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,group", [(256, 4096, 4096, 128), (300, 1000, 1024, 128), (129, 777, 576, 64)])
+@pytest.mark.parametrize("tile", [(256, 64, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3), (256, 128, 128, 1, 8, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_tma_x_tiles(M, N, K, group, tile, dtype):
+    """x through a TMA descriptor (interleaved path): a ragged last M tile (zero-filled rows), odd N, split-K with
+    a ragged last split; a row stride that TMA cannot take falls back to pointer loads and is still right."""
+    ql = make_layer(N, K, 4, group, True, "cuda", scale_dtype=dtype)
+    m, n, k, split, warps, stages = tile
+    config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=split, num_warps=warps, num_stages=stages, FOLD=0, ASM=1,
+                  IL=1, TMA=1)
+    check(torch.randn(M, K, device="cuda", dtype=dtype), ql, config=config)
+    check(torch.randn(M, K + 1, device="cuda", dtype=dtype)[:, :K], ql, config=config)  # rows 2(K+1) bytes apart
+
+
+@pytest.mark.gpu
 def test_gpu_split_k_gemv_in_cuda_graph():
     """The split-K GEMV's arrival counters reset themselves: replays of a captured graph stay right."""
     ql = make_layer(4096, 4096, 4, 128, True, "cuda", scale_dtype=torch.bfloat16)

@@ -5,7 +5,8 @@ import torch
 
 from mlsys_ref.quant import qmatmul_w8a8
 from mlsys_ref.quant.primitives import quantize
-from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, quantize_per_token_reference, w8a8_linear,
+from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, quantize_per_token_reference, rms_norm,
+                                          rms_norm_quantize_per_token, rms_norm_reference, w8a8_linear,
                                           w8a8_linear_reference, w8a8_matmul, w8a8_matmul_reference)
 from mlsys_ref.testing import assert_close
 
@@ -79,6 +80,49 @@ def test_bad_inputs_raise(device):
         w8a8_matmul(xq, xs, wq, w_scale.repeat(1, 2))
     with pytest.raises(ValueError, match="bias"):
         w8a8_matmul(xq, xs, wq, w_scale, torch.zeros(3, device=device))
+
+
+def _norm_inputs(shape, dtype, device):
+    x = (torch.randn(shape) * 10.0 ** torch.randint(-2, 3, (*shape[:-1], 1))).to(device=device, dtype=dtype)
+    return x, (torch.rand(shape[-1]) + 0.5).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 40), (5, 96), (2, 3, 75)])
+def test_rms_norm_and_its_fused_quantization(device, dtype, shape):
+    """rms_norm matches RMSNorm; the fused kernel equals quantize_per_token(rms_norm(x)) bit for bit, and
+    torch's quantization of torch's RMSNorm up to a one-code tie (the two norms may round 1 ulp apart)."""
+    x, weight = _norm_inputs(shape, dtype, device)
+    y = rms_norm(x, weight)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, rms_norm_reference(x, weight), dtype)
+    q, s = rms_norm_quantize_per_token(x, weight)
+    q_unfused, s_unfused = quantize_per_token(y)
+    assert torch.equal(q, q_unfused) and torch.equal(s, s_unfused)
+    q_ref, _ = quantize_per_token_reference(rms_norm_reference(x, weight))
+    assert (q.int() - q_ref.int()).abs().max() <= 1
+
+
+def test_rms_norm_bad_inputs_raise(device):
+    x = torch.randn(2, 32, device=device)
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(x, torch.ones(31, device=device))
+    with pytest.raises(ValueError, match="K <= 16384"):
+        rms_norm_quantize_per_token(torch.randn(1, 16385, device=device), torch.ones(16385, device=device))
+    with pytest.raises(TypeError, match="x must be"):
+        rms_norm(x.int(), torch.ones(32, device=device))
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, torch.ones(32, device=device), eps=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [4096, 11008])
+def test_gpu_rms_norm_quantize_large(K):
+    x, weight = _norm_inputs((256, K), torch.bfloat16, "cuda")
+    q, s = rms_norm_quantize_per_token(x, weight)
+    q_unfused, s_unfused = quantize_per_token(rms_norm(x, weight))
+    assert torch.equal(q, q_unfused) and torch.equal(s, s_unfused)
+    assert_close(rms_norm(x, weight), rms_norm_reference(x, weight), torch.bfloat16)
 
 
 @pytest.mark.gpu
