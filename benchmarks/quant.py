@@ -247,10 +247,12 @@ def targets_note(rows: list[dict]) -> str:
             shown = ", ".join(f"{v:.2f}x" for v in values)
             lines.append(f"| {kernel}, M = {M} vs {BASELINE.get(kernel, 'bf16 cuBLAS')} | {floor}x | {target}x | {shown} | "
                          f"{'yes' if min(values) >= floor else 'NO'} |")
-    gemv = [r["pct_copy_bw"] for r in rows if r["kernel"] == "W4A16 g128" and r["M"] == 1]
+    gemv = [r for r in rows if r["kernel"] == "W4A16 g128" and r["M"] == 1]
+    large = [r["pct_copy_bw"] for r in gemv if r["N"] * r["K"] > 4096 * 4096]  # the issue judges the large shapes
     if gemv:
-        lines.append(f"| W4A16 GEMV weight bandwidth, % of copy | 70% | 85% | "
-                     f"{', '.join(f'{v:.0f}%' for v in gemv)} | {'yes' if min(gemv) >= 70 else 'NO'} |")
+        shown = ", ".join(f"{r['pct_copy_bw']:.0f}%" for r in gemv)
+        lines.append(f"| W4A16 GEMV weight bandwidth, % of copy (judged on the large shapes) | 70% | 85% | {shown} | "
+                     f"{'yes' if large and min(large) >= 70 else 'NO'} |")
     return "\n".join(lines)
 
 

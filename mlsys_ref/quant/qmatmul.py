@@ -58,7 +58,8 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl, triton
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
-from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel, nibble_ptx
+from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
+from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, pick_config
 
 try:  # host-side TMA descriptors (triton >= 3.3); without them the TMA configs read x by pointers
@@ -189,6 +190,10 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         if x_dtype != torch.float32:
             xv = (xv if xv.stride(0) == 1 and xv.storage_offset() % 2 == 0 else xv.contiguous()).view(torch.int32)
 
+    # GPU: each code -> float in one LOP3 by inline PTX (the interpreter runs the same bits in plain Triton)
+    lop3_lo = "" if is_interpreter() else lop3_ptx(0x00078000 if bits == 4 else 0x007F8000)
+    lop3_hi = "" if is_interpreter() else lop3_ptx(0x00780000)
+
     def run_gemv(cfg: dict) -> torch.Tensor:
         # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step
         block_kg = cfg["BLOCK_K"] if group_size == K else min(cfg["BLOCK_K"], group_size & -group_size)
@@ -198,6 +203,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             xv, w32, scales, z, b, out, target, counters, N, K, group_size, k_per_split,
             xv.stride(0), w32.stride(0), scales.stride(0), scales.stride(1),
             SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=cfg["num_stages"], BLOCK_N=cfg["BLOCK_N"],
+            LOP3_LO=lop3_lo if cfg.get("LOP3", 1) else "", LOP3_HI=lop3_hi if cfg.get("LOP3", 1) else "",
             BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg, X_PAIRS=x_dtype != torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         return out
@@ -212,16 +218,17 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     fold_shift, fold_one = (19, 0x3F800000) if fp32_dot else ((3, 0x3F80) if x_dtype == torch.bfloat16 else (6, 0x3C00))
     # inline PTX for the int4 codes: GPU, 16-bit x; the scaled variant also needs scales exact in x's dtype
     use_asm = bits == 4 and not fp32_dot
-    asm_q = nibble_ptx(x_dtype, common["ZERO_SHIFT"], scaled=False) if use_asm else ""
-    asm_w = nibble_ptx(x_dtype, common["ZERO_SHIFT"], scaled=True) if use_asm and zeros is None and scales.dtype == x_dtype else ""
+    use_asm_w = use_asm and zeros is None and scales.dtype == x_dtype
+    asm_q = {pack: nibble_ptx(x_dtype, common["ZERO_SHIFT"], False, pack) if use_asm else "" for pack in (2, 4)}
+    asm_w = {pack: nibble_ptx(x_dtype, common["ZERO_SHIFT"], True, pack) if use_asm_w else "" for pack in (2, 4)}
 
     def run_gemm(cfg: dict) -> torch.Tensor:
         cfg = _fit_block_k(cfg, group_size, K, min_block)  # a chunk never straddles a group
         k_per_split, target = split_k(cfg)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        asm = cfg.get("ASM", 1)
+        asm, pack = cfg.get("ASM", 1), cfg.get("PACK", 4)  # PACK: bytes per inline-PTX call (nibble_ptx)
         # INTERLEAVE (inline PTX only): codes back in k order, so x is read as stored, one dot per chunk
-        interleave = bool(cfg.get("IL", 0)) and bool(asm_q if cfg.get("FOLD", 1) else asm_w) and asm
+        interleave = bool(cfg.get("IL", 0)) and bool(asm_q[2] if cfg.get("FOLD", 1) else asm_w[2]) and asm
         xk = x2 if interleave else xg
         # TMA (interleaved path): x's tiles by the tensor-memory accelerator -- one instruction per
         # [BLOCK_M, BLOCK_K] tile instead of per-thread address math, what large-M tiles need (see the benchmark)
@@ -235,7 +242,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             X_DESC=x_desc,
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
             PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
-            ASM_Q=asm_q if asm else "", ASM_W=asm_w if asm else "", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            ASM_Q=asm_q[pack] if asm else "", ASM_W=asm_w[pack] if asm else "", ASM_PACK=pack, BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
             _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],

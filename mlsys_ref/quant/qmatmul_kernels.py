@@ -1,7 +1,7 @@
 """The Triton kernels behind :mod:`mlsys_ref.quant.qmatmul` (W4A16 / W8A16), and the inline PTX they use.
 
 See qmatmul.py for the papers, the layout and the design; this file holds the ``@triton.jit`` code (the
-tile configs live in :mod:`mlsys_ref.quant.qmatmul_tune`). Tricks to notice, each spelled out where it
+tile configs live in :mod:`mlsys_ref.quant.qmatmul_tune`, the inline PTX in :mod:`mlsys_ref.quant.qmatmul_ptx`). Tricks to notice, each spelled out where it
 happens:
 - int -> float without a conversion instruction: OR the code into the mantissa of a power of two (the
   "magic number" conversion of FasterTransformer's weight-only kernels, Kim et al. 2022,
@@ -14,8 +14,6 @@ happens:
 """
 
 from __future__ import annotations
-
-import torch
 
 from mlsys_ref.backend import tl, triton
 
@@ -66,28 +64,36 @@ def _load_x_pairs(x_ptr, k0, offs_j, offs_m, M, K, stride_xm, stride_xk, OUT: tl
 
 
 @triton.jit
-def _shifted_one(w, BYTE: tl.constexpr):
-    """Byte BYTE of each int32 word moved to bits [15, 23), OR-ed with 0x3F800000 (the exponent of 1.0)."""
+def _byte_at_15(w, BYTE: tl.constexpr):
+    """Byte BYTE of each int32 word moved to bits [15, 23), the top 8 mantissa bits of an fp32."""
     SHIFT: tl.constexpr = 15 - 8 * BYTE
     if SHIFT >= 0:
-        ws = w << SHIFT
-    else:
-        ws = w >> (-SHIFT)  # arithmetic shift: the sign copies land above bit 22 and are masked off
-    return ws | 0x3F800000
+        return w << SHIFT
+    return w >> (-SHIFT)  # arithmetic shift: the sign copies land above bit 22 and are masked off
 
 
 @triton.jit
-def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr = False):
+def _or_one(a, MASK: tl.constexpr, LOP3: tl.constexpr):
+    """(a & MASK) | ONE (ONE = the bits of 1.0): ONE three-input LOP3 on the GPU, where LOP3 is its inline PTX
+    (lop3_ptx); left to LLVM, the expression is canonicalized to (a | ONE) & (MASK | ONE) and costs two."""
+    if LOP3 != "":
+        return tl.inline_asm_elementwise(LOP3, "=r,r", [a], dtype=tl.int32, is_pure=True, pack=1)
+    return (a & MASK) | 0x3F800000
+
+
+@triton.jit
+def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr, LOP3_LO: tl.constexpr,
+                LOP3_HI: tl.constexpr):
     """int32 words -> (f_lo, f_hi) for code pair j of each word (int4: the nibbles of byte j; int8: bytes 2j,
-    2j+1): f = 1 + u·2^-8, except the int4 high nibble, f = 1 + u·2^-4. Bits only: one shift and one OR per
-    byte, one AND per code, each with a single immediate, since (a | ONE) & (MASK | ONE) = (a & MASK) | ONE."""
+    2j+1): f = 1 + u·2^-8, except the int4 high nibble, f = 1 + u·2^-4. Bits only: a shift per byte and one
+    LOP3 per code (the int8 masks are both LOP3_LO's)."""
     if BITS == 4:
-        wo = _shifted_one(w, j)
-        f_lo = wo & 0x3F878000  # low nibble at bits [15, 19) under 1.0
-        f_hi = wo & 0x3FF80000  # high nibble at bits [19, 23)
+        wb = _byte_at_15(w, j)
+        f_lo = _or_one(wb, 0x00078000, LOP3_LO)  # low nibble at bits [15, 19) under 1.0
+        f_hi = _or_one(wb, 0x00780000, LOP3_HI)  # high nibble at bits [19, 23)
     else:
-        f_lo = _shifted_one(w, 2 * j) & 0x3FFF8000  # the byte at bits [15, 23)
-        f_hi = _shifted_one(w, 2 * j + 1) & 0x3FFF8000
+        f_lo = _or_one(_byte_at_15(w, 2 * j), 0x007F8000, LOP3_LO)  # the byte at bits [15, 23)
+        f_hi = _or_one(_byte_at_15(w, 2 * j + 1), 0x007F8000, LOP3_LO)
     f_lo, f_hi = f_lo.to(tl.float32, bitcast=True), f_hi.to(tl.float32, bitcast=True)
     if EXACT:  # fp32 x: f - 1 = u·2^-p exactly (one FADD more), so x̃·(f - 1) rounds like x·u itself
         return f_lo - 1.0, f_hi - 1.0
@@ -110,8 +116,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
                   stride_xk, stride_wn, stride_sn, stride_sg,
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_KG: tl.constexpr):
+                  EVEN_K: tl.constexpr, STAGES: tl.constexpr, LOP3_LO: tl.constexpr, LOP3_HI: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr):
     """M = 1: y[n] = Σ_g s[n,g]·(Σ_{k∈g} x_k·u[n,k] - (ZERO_SHIFT + z[n,g])·Σ_{k∈g} x_k) on the FMA units.
     The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 1 + u·2^-p by
     bit operations alone (_pair_codes); with x pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u, so per weight
@@ -177,7 +183,7 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
         for j in tl.static_range(PAIRS):
             xi = k0 // 2 + col * PAIRS + j  # x pair (x[2·xi], x[2·xi + 1]) of code pair j, [BLOCK_G, BLOCK_WG]
             x_lo, x_hi = _x_pair(x_ptr, xi, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
-            f_lo, f_hi = _pair_codes(p, j, BITS, not X_PAIRS)
+            f_lo, f_hi = _pair_codes(p, j, BITS, not X_PAIRS, LOP3_LO, LOP3_HI)
             # x̃ = x·2^p (p = 8, or 4 for the high nibble): Σ x̃·f = Σ x̃ + Σ x·u; and c = Σ (x̃ + ZERO_SHIFT·x)
             if j == 0:
                 dot = f_lo * (x_lo * 256.0)[None, :, :]
@@ -253,8 +259,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
                   FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM_Q: tl.constexpr, ASM_W: tl.constexpr,
-                  INTERLEAVE: tl.constexpr, X_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  INTERLEAVE: tl.constexpr, X_DESC: tl.constexpr, ASM_PACK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
     as the left operand (N fills the MMA's M slot, so M = 16 wastes nothing); optional split-K."""
     PACK: tl.constexpr = 8 // BITS
@@ -289,13 +295,21 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
         USE_ASM: tl.constexpr = (FOLD and ASM_Q != "") or (not FOLD and ASM_W != "")
         if X_PAIRS and not INTERLEAVE:
             x_even, x_odd = _load_x_pairs(x_rows, k0, offs_j, local_m, rows_left, K, stride_xm, stride_xk, DOT, IS_BF16)
-        if FOLD and ASM_Q != "":  # exact codes q of both nibbles, two per register (nibble_ptx)
+        # ASM_PACK bytes per call: 4 takes a loaded 32-bit register whole (no byte packing around the call)
+        if FOLD and ASM_Q != "" and ASM_PACK == 2:  # exact codes q of both nibbles, two per register (nibble_ptx)
             q_even, q_odd = tl.inline_asm_elementwise(ASM_Q, "=r,=r,r", [p], dtype=(tl.int16, tl.int16), is_pure=True,
                                                       pack=2)
+        if FOLD and ASM_Q != "" and ASM_PACK == 4:
+            q_even, q_odd = tl.inline_asm_elementwise(ASM_Q, "=r,=r,=r,=r,r", [p], dtype=(tl.int16, tl.int16),
+                                                      is_pure=True, pack=4)
         if not FOLD and ASM_W != "":  # dequantized q·s of both nibbles (symmetric), two per register
             s_b = tl.broadcast_to(s.to(DOT)[:, None], [BLOCK_N, BLOCK_KP])
-            q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,r,r", [p, s_b], dtype=(tl.int16, tl.int16),
-                                                      is_pure=True, pack=2)
+            if ASM_PACK == 2:
+                q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,r,r", [p, s_b], dtype=(tl.int16, tl.int16),
+                                                          is_pure=True, pack=2)
+            else:
+                q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,=r,=r,r,r,r", [p, s_b],
+                                                          dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
         if INTERLEAVE:  # codes back in k order, (even, odd) adjacent: one dot against x as stored, [BLOCK_K, BLOCK_M]
             w = tl.join(q_even, q_odd).reshape(BLOCK_N, BLOCK_K).to(DOT, bitcast=True)
             if X_DESC:  # [BLOCK_K, BLOCK_M]; rows past M (and columns past K) arrive as zeros
@@ -364,31 +378,3 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partial sums, reduced by _splitk_reduce_kernel
-
-
-# -- inline PTX (GPU only), built per dtype by the launcher and passed in as a constexpr string
-_NIBBLE_PTX = """{{
-    .reg .b32 t, v, a, b;
-    mov.b32 a, {sixteen};
-    mov.b32 b, {offset};
-    prmt.b32 t, $2, 0, 0x4140;
-    {lo} v, t, {s_lo}; lop3.b32 v, v, {mask}, {one}, 0xea; fma.rn.{ty} $0, v, a, b;{scale_lo}
-    {hi} v, t, {s_hi}; lop3.b32 v, v, {mask}, {one}, 0xea; fma.rn.{ty} $1, v, a, b;{scale_hi}
-}}"""
-
-
-def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool) -> str:
-    """Inline PTX for the GEMM (GPU only): 2 stored bytes -> the codes q = u - zero_shift of their 4 nibbles as
-    two bf16x2/f16x2 registers (even nibbles, odd nibbles), or q·s when ``scaled`` (s in the 3rd operand).
-    PRMT spreads the bytes into the two halves of a register; one shift and one LOP3 put a nibble under the
-    exponent of 1.0 (f = 1 + u/16); one packed FMA, f·16 - (16 + zero_shift), gives q exactly: ~1.75
-    instructions per weight instead of ~6 for unpacked integer-to-float conversion."""
-    bf16 = dtype == torch.bfloat16
-    value = (lambda v: torch.tensor([v, v], dtype=dtype).view(torch.int32).item() & 0xFFFFFFFF)
-    return _NIBBLE_PTX.format(
-        sixteen=f"0x{value(16.0):08X}", offset=f"0x{value(-16.0 - zero_shift):08X}", ty="bf16x2" if bf16 else "f16x2",
-        lo="shl.b32", s_lo=3 if bf16 else 6, hi="shr.u32" if bf16 else "shl.b32", s_hi=1 if bf16 else 2,
-        mask="0x00780078" if bf16 else "0x03C003C0", one="0x3F803F80" if bf16 else "0x3C003C00",
-        scale_lo=f" mul.rn.{'bf16x2' if bf16 else 'f16x2'} $0, $0, $3;" if scaled else "",
-        scale_hi=f" mul.rn.{'bf16x2' if bf16 else 'f16x2'} $1, $1, $3;" if scaled else "")
-

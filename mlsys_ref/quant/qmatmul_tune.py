@@ -88,21 +88,22 @@ def gemm_configs(M: int) -> list[dict]:
     """M >= 2: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, FOLD, ASM[, IL[, TMA]]); M <= 16 is the skinny,
     GEMV-like regime (one 16-row tile, split-K), larger M the tiled GEMM. FOLD = 1: exact codes in the dot,
     scales applied per chunk to the [BLOCK_N, BLOCK_M] product (cheap when BLOCK_M is small); FOLD = 0: scales
-    per weight (cheap when BLOCK_M is large). ASM = 1: int4 codes by inline PTX (GPU, 16-bit x; see nibble_ptx);
-    IL = 1 puts them back in k order, so x is read as stored and the MMA of one chunk overlaps the next chunk's
-    dequantization (the tiled GEMM; one dot per chunk instead of two); TMA = 1 (with IL) loads x's tiles through
-    a tensor descriptor."""
+    per weight (cheap when BLOCK_M is large). ASM = 1: int4 codes by inline PTX (GPU, 16-bit x; see nibble_ptx;
+    an optional PACK, default 4, is the bytes per call); IL = 1 puts them back in k order, so x is read as stored
+    and the MMA of one chunk overlaps the next chunk's dequantization (the tiled GEMM; one dot per chunk instead
+    of two); TMA = 1 (with IL) loads x's tiles through a tensor descriptor."""
     if is_interpreter():
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FOLD=1, ASM=0) if M <= 16
                 else dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1, FOLD=0, ASM=0)]
     if M <= 16:
-        table = [(16, 64, 128, 4, 2, 3, 1, 1), (16, 32, 128, 4, 1, 3, 1, 1), (16, 64, 128, 2, 4, 3, 1, 1),
-                 (16, 64, 128, 4, 4, 3, 0, 1), (16, 32, 128, 8, 2, 3, 1, 1), (16, 64, 128, 4, 4, 3, 1, 0)]
+        # H100 sweep (inline PTX on 4 bytes a call): 1-2 warps, split-K 4 (K = 4096) or 8 (K = 11008)
+        table = [(16, 64, 128, 4, 2, 3, 1, 1), (16, 32, 128, 4, 1, 3, 1, 1), (16, 64, 128, 8, 1, 3, 1, 1),
+                 (16, 64, 128, 8, 2, 3, 1, 1), (16, 128, 128, 8, 2, 3, 1, 1), (16, 64, 128, 4, 4, 3, 0, 1)]
     elif M <= 64:  # few rows: still the weight stream, with the skinny kernel's split-K
         table = [(64, 64, 128, 4, 4, 3, 1, 1), (32, 64, 128, 4, 2, 3, 1, 1), (64, 64, 128, 2, 4, 3, 0, 1),
                  (64, 128, 128, 2, 8, 3, 0, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1)]
     else:  # H100 sweep at M = 256: all 256 rows in one tile, x by TMA (the 10th field), split-K 2 to fill the SMs
-        table = [(256, 64, 128, 2, 4, 3, 0, 1, 1, 1), (256, 128, 128, 1, 8, 2, 0, 1, 1, 1), (128, 128, 128, 2, 8, 3, 0, 1, 1, 1),
+        table = [(256, 64, 128, 2, 4, 3, 0, 1, 1, 1), (256, 128, 128, 1, 8, 3, 0, 1, 1, 1), (128, 128, 128, 2, 8, 3, 0, 1, 1, 1),
                  (128, 128, 128, 2, 8, 3, 0, 1, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1),
                  (128, 128, 64, 1, 8, 3, 0, 1, 0), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
     table = [(*row, 0, 0)[:10] if len(row) < 10 else row for row in table]

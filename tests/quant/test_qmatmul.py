@@ -194,12 +194,13 @@ def test_gpu_bf16_large(bits, group, symmetric, M, N, K):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fold,asm,il", [(1, 1, 0), (0, 1, 0), (0, 1, 1), (1, 1, 1), (1, 0, 0)])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gpu_int4_inline_ptx_variants(dtype, fold, asm, il, symmetric):
-    """The inline-PTX int4 codes (GPU only) in the GEMM variants, bf16 and fp16, scales in x's dtype
-    (asymmetric FOLD = 0 and fp32 scales take the plain path: the config still runs, without PTX)."""
+@pytest.mark.parametrize("pack", [2, 4])
+def test_gpu_int4_inline_ptx_variants(dtype, fold, asm, il, symmetric, pack):
+    """The inline-PTX int4 codes (GPU only) in the GEMM variants, 2 or 4 bytes per call, bf16 and fp16, scales in
+    x's dtype (asymmetric FOLD = 0 and fp32 scales take the plain path: the config still runs, without PTX)."""
     ql = make_layer(1000, 1024, 4, 128, symmetric, "cuda", scale_dtype=dtype)
     config = dict(BLOCK_M=16 if fold else 64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3,
-                  FOLD=fold, ASM=asm, IL=il)
+                  FOLD=fold, ASM=asm, IL=il, PACK=pack)
     check(torch.randn(37, 1024, device="cuda", dtype=dtype), ql, config=config)
 
 
