@@ -14,7 +14,8 @@ zero points may be fractional, as in llama.cpp's Q4_1 grid).
 Two kernels:
 - ``_qgemv_kernel`` (M = 1, decode, on the FMA units): the packed weight is read as int32 words (8 int4
   or 4 int8 codes), [BLOCK_N, BLOCK_G, BLOCK_WG] words per step. Each code becomes the float
-  f = 1 + u·2^-p by bit operations alone (shift, OR the exponent of 1.0, AND a mask), and with x
+  f = 1 + u·2^-p by bit operations alone (a shift per byte, then one LOP3 per code, (a & MASK) | ONE,
+  by inline PTX on the GPU: written in Triton, LLVM would turn it into two instructions), and with x
   pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u: per weight only the bit operations and one FMA remain; the
   group-wise affine is factored out, y_n = Σ_g s_gn·(Σ_{k∈g} x_k·u_kn - (ZERO_SHIFT + z_gn)·Σ_{k∈g} x_k),
   so scales, zeros and Σ x cost once per group. Loads are prefetched (a register double buffer, or
@@ -29,7 +30,10 @@ Two kernels:
   (cheap when BLOCK_M is small); FOLD = 0 dequantizes each weight to (q - z)·s (cheap when BLOCK_M is
   large). On the GPU the int4 codes come from inline PTX (``nibble_ptx``): PRMT spreads two bytes into
   the halves of a register, one shift and one LOP3 per nibble pair make bf16x2/f16x2 values 1 + u/16,
-  and one packed FMA gives q (and a packed multiply q·s): ~1.75 instructions per weight, not ~6.
+  and one packed FMA gives q (and a packed multiply q·s): ~1.75 instructions per weight, not ~6; a call
+  takes a whole loaded 32-bit register (4 bytes), so the compiler packs no bytes around it. For large M
+  the tile holds all 256 rows of x, read through a TMA descriptor (one bulk copy per tile instead of
+  per-thread address arithmetic), so each weight tile is dequantized once.
 
 Choices: a chunk (a run, in the GEMV) never straddles a quantization group, so scales and zeros are
 one value per row per chunk, applied once per chunk; the int4 pair (even k, odd k) is handled as two
@@ -39,8 +43,9 @@ and split with two shifts (fp32 x: two strided loads); act-order permutes x once
 kernel (``x[..., perm]``: M·K elements, negligible next to N·K weights) so the kernel never gathers.
 The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validates and launches.
 
-Left out: Marlin's offline weight reshuffle into tensor-core fragment order (so the int4 tile still goes
-through shared memory to reach the MMA's register layout), asynchronous global->shared pipelines written
+Left out: Marlin's offline weight reshuffle into tensor-core fragment order (the packed int4 tile goes
+through shared memory to reach the MMA's register layout, and the nibbles of a register are not in the
+order one LOP3 could turn into an MMA operand pair), asynchronous global->shared pipelines written
 by hand, and stream-K; int3 and int2 (use the PyTorch path). The split-K GEMV's counters are one buffer
 per device: two such GEMVs running concurrently on two streams are not supported.
 

@@ -8,17 +8,19 @@ GEMM (per-channel activation scales would not), so that
 
 and the integer sum runs on int8 tensor cores (twice the bf16 rate, half the bytes). The scales are
 outer-product shaped, so they factor out of the K sum and cost one multiply per *output* element: the
-epilogue. The per-token quantization of X is a second small kernel (one program per token: absmax,
-then round); the paper's implementation fuses that step into the preceding operator instead.
+epilogue. The per-token quantization of X is either a small kernel of its own (a few tokens per program:
+absmax, then round) or, as in the paper's implementation, part of the operator before the GEMM:
+``rms_norm_quantize_per_token`` is RMSNorm emitting int8 codes and Δx instead of bf16, so a W8A8 layer
+costs one norm and one GEMM, as its bf16 twin does (``rms_norm``, the same kernel emitting bf16).
 
 Rounding matches ``torch.round`` (half to even) and the quotient rounds as IEEE division does
 (``_divide``), so the kernel's codes equal :func:`mlsys_ref.quant.primitives.quantize` (granularity
 "token") bit for bit on the CPU (on CUDA torch divides by a Python scalar through its reciprocal, so a
 code may differ by one at a tie).
 
-Left out: fusing the activation quantization into the previous layer's epilogue (SmoothQuant's
-LayerNorm/GEMM fusion), per-tensor static scales (O3), int8 outputs, and the smoothing itself
-(see :mod:`mlsys_ref.quant.smoothquant`).
+Left out: fusing the quantization into other preceding operators (the attention output before o_proj,
+SiLU·up before down_proj), per-tensor static scales (O3), int8 outputs, and the smoothing itself (see
+:mod:`mlsys_ref.quant.smoothquant`; a smoothing factor folds into the norm's weight).
 
 The one idea to notice: the scales never enter the inner loop -- exact integer arithmetic until the
 last moment is what makes W8A8 both fast and easy to reason about.
