@@ -220,11 +220,16 @@ def test_gpu_tma_x_tiles(M, N, K, group, tile, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_split_k_gemv_in_cuda_graph():
-    """The split-K GEMV's arrival counters reset themselves: replays of a captured graph stay right."""
+@pytest.mark.parametrize("M,config", [
+    (1, dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=1)),  # GEMV
+    (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=3, FOLD=1, ASM=1)),  # skinny
+    (256, dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3, FOLD=0, ASM=1, IL=1, TMA=1)),
+])
+def test_gpu_split_k_in_cuda_graph(M, config):
+    """Split-K in a captured graph: the GEMV's arrival counters reset themselves, the GEMM's partials are
+    reduced by a second kernel in a fixed order; replays stay right and bit-identical."""
     ql = make_layer(4096, 4096, 4, 128, True, "cuda", scale_dtype=torch.bfloat16)
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    config = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=1)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
     args = (ql.qweight, ql.scales, ql.zeros)
     first = quant_matmul(x, *args, bits=4, config=config)  # allocates the counters before the capture
     graph = torch.cuda.CUDAGraph()
