@@ -30,6 +30,7 @@ __all__ = [
     "info",
     "is_interpreter",
     "require_triton",
+    "tma_descriptor",
     "triton",
     "tl",
 ]
@@ -133,6 +134,20 @@ def check_kernel_device(tensor: torch.Tensor, name: str) -> None:
             f"{name} is on {tensor.device}, but the kernel backend is {backend_name()} and "
             f"expects tensors on {expected.type}"
         )
+
+
+def tma_descriptor(tensor: torch.Tensor, block_shape: list[int]):
+    """A host-side TMA (tensor memory accelerator) descriptor of a 2-D tensor for tiles of ``block_shape``,
+    or None where TMA cannot describe it (unit stride along the last dimension, 16-byte aligned rows and
+    base; triton >= 3.3): the caller then reads the same tiles by pointers. Tiles past the edge load as zeros."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    if tensor.dim() != 2 or tensor.stride(1) != 1 or (tensor.stride(0) * tensor.element_size()) % 16 \
+            or tensor.data_ptr() % 16:
+        return None
+    return TensorDescriptor.from_tensor(tensor, block_shape)
 
 
 def info() -> dict[str, str]:

@@ -122,3 +122,13 @@ def test_tour_rejects_unknown_area():
 
 def test_version():
     assert mlsys_ref.__version__
+
+
+def test_tma_descriptor_only_where_tma_can_describe():
+    from mlsys_ref.backend import tma_descriptor
+
+    base = torch.zeros(8, 40, dtype=torch.float16)
+    assert tma_descriptor(base, [8, 16]) is not None  # 80-byte rows: 16-byte aligned
+    assert tma_descriptor(base[:, 1:33], [8, 16]) is None  # base 2 bytes past an aligned address
+    assert tma_descriptor(torch.zeros(8, 37, dtype=torch.float16), [8, 16]) is None  # 74-byte rows
+    assert tma_descriptor(base.t(), [8, 8]) is None  # the last dimension is not contiguous

@@ -61,16 +61,12 @@ import contextlib
 
 import torch
 
-from mlsys_ref.backend import HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl, triton
+from mlsys_ref.backend import (HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl,
+                               tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, pick_config
-
-try:  # host-side TMA descriptors (triton >= 3.3); without them the TMA configs read x by pointers
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "use_kernels",
            "kernel_applies"]
@@ -99,12 +95,6 @@ def _words_fit(qweight: torch.Tensor, K: int, bits: int) -> bool:
     """The GEMV reads qweight as int32 words: whole words per row, 4-byte aligned rows."""
     return (K % (32 // bits) == 0 and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0
             and qweight.storage_offset() % 4 == 0)
-
-
-def _tma_fits(x2: torch.Tensor) -> bool:
-    """A TMA descriptor needs unit stride along K and 16-byte aligned rows and base."""
-    return (TensorDescriptor is not None and x2.stride(1) == 1 and (x2.stride(0) * x2.element_size()) % 16 == 0
-            and x2.data_ptr() % 16 == 0)
 
 
 _COUNTERS: dict = {}  # device -> int32 arrival counters of the split-K GEMV, zero between launches
@@ -237,9 +227,10 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         xk = x2 if interleave else xg
         # TMA (interleaved path): x's tiles by the tensor-memory accelerator -- one instruction per
         # [BLOCK_M, BLOCK_K] tile instead of per-thread address math, what large-M tiles need (see the benchmark)
-        x_desc = bool(cfg.get("TMA", 0)) and interleave and _tma_fits(x2)
+        desc = tma_descriptor(x2, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if cfg.get("TMA", 0) and interleave else None
+        x_desc = desc is not None
         _qgemm_kernel[grid](
-            TensorDescriptor.from_tensor(x2, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if x_desc else xk,
+            desc if x_desc else xk,
             qweight, scales, z, b, target, M, N, K, group_size, k_per_split,
             xk.stride(0), xk.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             target.stride(0) if cfg["SPLIT_K"] > 1 else 0, target.stride(-2), target.stride(-1),

@@ -56,6 +56,21 @@ def test_int8_gemm_matches_fp64(device, M, N, K, bias):
     assert_close(y, w8a8_matmul_reference(xq, x_scale, wq, w_scale, b), torch.float32)
 
 
+@pytest.mark.parametrize("M,N,K", [(37, 45, 96), (3, 70, 160)])
+def test_int8_gemm_tma_tiles(device, M, N, K):
+    """Xq and Wq through TMA descriptors (ragged M, N and K tiles load as zeros) give the pointer path's result;
+    a row stride TMA cannot take (K = 75 bytes) falls back to pointers."""
+    wq, w_scale = int8_weight(N, K, device)
+    xq, x_scale = quantize_per_token(torch.randn(M, K, device=device))
+    config = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, TMA=1)
+    y = w8a8_matmul(xq, x_scale, wq, w_scale, out_dtype=torch.float32, config=config)
+    assert_close(y, w8a8_matmul_reference(xq, x_scale, wq, w_scale), torch.float32)
+    wq75, ws75 = int8_weight(N, 75, device)
+    xq75, xs75 = quantize_per_token(torch.randn(M, 75, device=device))
+    y = w8a8_matmul(xq75, xs75, wq75, ws75, out_dtype=torch.float32, config=config)
+    assert_close(y, w8a8_matmul_reference(xq75, xs75, wq75, ws75), torch.float32)
+
+
 @pytest.mark.parametrize("M", [1, 17])
 def test_w8a8_linear_fp16(device, M):
     wq, w_scale = int8_weight(45, 96, device)
