@@ -59,6 +59,11 @@ if HAS_TRITON:
 else:
     _TRITON_IMPORT_ERROR = "the package 'triton' is not installed"
 
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except Exception:
+    _TensorDescriptor = None
+
 if not HAS_TRITON:
 
     class _Anything:
@@ -140,14 +145,10 @@ def tma_descriptor(tensor: torch.Tensor, block_shape: list[int]):
     """A host-side TMA (tensor memory accelerator) descriptor of a 2-D tensor for tiles of ``block_shape``,
     or None where TMA cannot describe it (unit stride along the last dimension, 16-byte aligned rows and
     base; triton >= 3.3): the caller then reads the same tiles by pointers. Tiles past the edge load as zeros."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
+    if _TensorDescriptor is None or tensor.dim() != 2 or tensor.stride(1) != 1 \
+            or (tensor.stride(0) * tensor.element_size()) % 16 or tensor.data_ptr() % 16:
         return None
-    if tensor.dim() != 2 or tensor.stride(1) != 1 or (tensor.stride(0) * tensor.element_size()) % 16 \
-            or tensor.data_ptr() % 16:
-        return None
-    return TensorDescriptor.from_tensor(tensor, block_shape)
+    return _TensorDescriptor.from_tensor(tensor, block_shape)
 
 
 def info() -> dict[str, str]:

@@ -29,9 +29,10 @@ Two kernels:
   *exact* codes to the tensor cores and applies the scale to each chunk's [BLOCK_N, BLOCK_M] product
   (cheap when BLOCK_M is small); FOLD = 0 dequantizes each weight to (q - z)·s (cheap when BLOCK_M is
   large). On the GPU the int4 codes come from inline PTX (``nibble_ptx``): PRMT spreads two bytes into
-  the halves of a register, one shift and one LOP3 per nibble pair make bf16x2/f16x2 values 1 + u/16,
-  and one packed FMA gives q (and a packed multiply q·s): ~1.75 instructions per weight, not ~6; a call
-  takes a whole loaded 32-bit register (4 bytes), so the compiler packs no bytes around it. For large M
+  the halves of a register, one LOP3 per nibble pair ORs the nibbles into the mantissas of 128.0 (bf16;
+  the high nibble after a shift) or 1024.0 (fp16), and one packed FMA gives q (and a packed multiply
+  q·s): 1.5 / 1.25 instructions per weight, not ~6; a call takes a whole loaded 32-bit register
+  (4 bytes), so the compiler packs no bytes around it. For large M
   the tile holds all 256 rows of x, read through a TMA descriptor (one bulk copy per tile instead of
   per-thread address arithmetic), so each weight tile is dequantized once.
 
@@ -239,8 +240,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
             PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
             ASM_Q=asm_q[pack] if asm else "", ASM_W=asm_w[pack] if asm else "", ASM_PACK=pack, BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **common)
         if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
             _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
                                                                 HAS_BIAS=bias is not None, BLOCK=1024)

@@ -6,6 +6,8 @@ bits (an empty string selects it); the GPU tests compare both against the refere
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["nibble_ptx", "lop3_ptx"]
@@ -18,6 +20,7 @@ _NIBBLE_PTX = """{{
 }}"""
 
 
+@functools.lru_cache(maxsize=None)  # called on every launch: build each string once
 def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool, pack: int = 2) -> str:
     """Inline PTX for the GEMM (GPU only): ``pack`` (2 or 4) stored bytes -> the codes q = u - zero_shift of
     their nibbles as bf16x2/f16x2 registers (even nibbles first, then odd ones), or q·s when ``scaled`` (the

@@ -287,8 +287,9 @@ def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     if M:
         def run(cfg: dict) -> torch.Tensor:
             grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-            descs = (tma_descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]), tma_descriptor(wq, [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
-            tma = bool(cfg.get("TMA", 0)) and None not in descs  # else the same tiles by pointers
+            descs = (tma_descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                     tma_descriptor(wq, [cfg["BLOCK_N"], cfg["BLOCK_K"]])) if cfg.get("TMA", 0) else (None,)
+            tma = None not in descs  # else the same tiles by pointers
             _w8a8_gemm_kernel[grid](
                 descs[0] if tma else a, descs[1] if tma else wq,
                 sa, w_scale, bias.contiguous() if bias is not None else out, out, M, N, K,
