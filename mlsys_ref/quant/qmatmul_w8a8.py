@@ -56,14 +56,25 @@ def _divide(x, d, inverse):
 
 
 @triton.jit
+def _token_scale(amax):
+    """Δx = max_k |x[row, k]| / 127 per token ([ROWS]), and 1/Δx as a column: one IEEE division per token."""
+    scale = tl.math.div_rn(amax, 127.0)
+    scale = tl.where(scale > 0, scale, 1.0)  # an all-zero token: any scale is exact
+    return scale, tl.math.div_rn(1.0, scale)[:, None]
+
+
+@triton.jit
+def _int8_codes(v, scale, inverse):
+    """Xq = clamp(round(x / Δx), -128, 127) as int8, no division per element."""
+    return tl.minimum(tl.maximum(_round_half_even(_divide(v, scale[:, None], inverse)), -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def _quantize_rows(v, rows, row_mask, mask, q_rows, offs, s_ptr):
     """v [ROWS, BLOCK_K] fp32, whole tokens (zeros where masked) -> Xq and Δx stored: the one-pass body."""
-    scale = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)  # Δx = max_k |x[row, k]| / 127
-    scale = tl.where(scale > 0, scale, 1.0)  # an all-zero token: any scale is exact
+    scale, inverse = _token_scale(tl.max(tl.abs(v), axis=1))
     tl.store(s_ptr + rows, scale, mask=row_mask)
-    inverse = tl.math.div_rn(1.0, scale)[:, None]  # one IEEE division per token, none per element
-    code = tl.minimum(tl.maximum(_round_half_even(_divide(v, scale[:, None], inverse)), -128.0), 127.0)
-    tl.store(q_rows + offs[None, :], code.to(tl.int8), mask=mask)
+    tl.store(q_rows + offs[None, :], _int8_codes(v, scale, inverse), mask=mask)
 
 
 @triton.jit
@@ -84,16 +95,13 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, 
             k = k0 + offs
             x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_mask[:, None] & (k < K)[None, :], other=0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.math.div_rn(tl.max(amax, axis=1), 127.0)
-        scale = tl.where(scale > 0, scale, 1.0)
+        scale, inverse = _token_scale(tl.max(amax, axis=1))
         tl.store(s_ptr + rows, scale, mask=row_mask)
-        inverse = tl.math.div_rn(1.0, scale)[:, None]
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs
             mask = row_mask[:, None] & (k < K)[None, :]
             v = tl.load(x_rows + k[None, :] * stride_xk, mask=mask, other=0).to(tl.float32)  # re-read (from L2)
-            code = tl.minimum(tl.maximum(_round_half_even(_divide(v, scale[:, None], inverse)), -128.0), 127.0)
-            tl.store(q_rows + k[None, :], code.to(tl.int8), mask=mask)
+            tl.store(q_rows + k[None, :], _int8_codes(v, scale, inverse), mask=mask)
 
 
 @triton.jit
@@ -176,11 +184,17 @@ def _check_device(*named):
                 raise ValueError(f"{name} is on {t.device} but {named[0][0]} is on {first.device}")
 
 
-def _quantize_config(K: int) -> dict:
+def _check_float(x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _quantize_config(K: int, one_pass: bool = False) -> dict:
     """One pass (the rows in registers) up to 16K elements on the GPU, ~16 elements a thread; the interpreter
     pays per program, so there it takes many rows at once."""
-    if is_interpreter():
-        return dict(ROWS=8, BLOCK_K=min(256, triton.next_power_of_2(K)), num_warps=4)
+    if is_interpreter():  # one_pass: whole tokens in one block (the fused norm), then fewer of them
+        return dict(ROWS=4, BLOCK_K=triton.next_power_of_2(K), num_warps=4) if one_pass else \
+            dict(ROWS=8, BLOCK_K=min(256, triton.next_power_of_2(K)), num_warps=4)
     block = min(16384, triton.next_power_of_2(K))
     rows = max(1, min(8, 2048 // block))
     return dict(ROWS=rows, BLOCK_K=block, num_warps=max(1, min(16, rows * block // 512)))
@@ -190,8 +204,7 @@ def quantize_per_token(x: torch.Tensor, config: dict | None = None) -> tuple[tor
     """x [..., K] float -> (Xq int8 [..., K], Δx fp32 [..., 1]), symmetric absmax per token. ``config``
     (ROWS, BLOCK_K, num_warps) overrides :func:`_quantize_config`."""
     require_triton("quantize_per_token")
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    _check_float(x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be [..., K] with K > 0, got {tuple(x.shape)}")
     _check_device(("x", x))
@@ -212,8 +225,7 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool):
     """Validate, then launch _rms_norm_kernel: one pass, whole tokens in registers (K <= 16384)."""
     name = "rms_norm_quantize_per_token" if quantize else "rms_norm"
     require_triton(name)
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    _check_float(x)
     if x.dim() < 1 or not 0 < x.shape[-1] <= 16384:
         raise ValueError(f"x must be [..., K] with 0 < K <= 16384 (one pass in registers), got {tuple(x.shape)}")
     K = x.shape[-1]
@@ -230,13 +242,11 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool):
     q = torch.empty(M if quantize else 0, K, device=x.device, dtype=torch.int8)
     s = torch.empty(M, 1, device=x.device, dtype=torch.float32)
     if M:
-        config = _quantize_config(K)
-        block = triton.next_power_of_2(K)  # one pass, also under the interpreter
-        rows = max(1, min(config["ROWS"], 2048 // block)) if not is_interpreter() else 4
-        _rms_norm_kernel[(triton.cdiv(M, rows),)](
+        config = _quantize_config(K, one_pass=True)  # K <= 16384: BLOCK_K covers the token
+        _rms_norm_kernel[(triton.cdiv(M, config["ROWS"]),)](
             x2, weight.contiguous(), y if not quantize else x2, q if quantize else x2, s, M, K, float(eps), x2.stride(0),
-            y.stride(0) if not quantize else 0, q.stride(0) if quantize else 0, QUANTIZE=quantize, ROWS=rows,
-            BLOCK_K=block, num_warps=max(1, min(16, rows * block // 512)))
+            y.stride(0) if not quantize else 0, q.stride(0) if quantize else 0, QUANTIZE=quantize, ROWS=config["ROWS"],
+            BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"])
     if quantize:
         return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
     return y.reshape(x.shape)
