@@ -102,8 +102,9 @@ def gemm_configs(M: int) -> list[dict]:
     elif M <= 64:  # few rows: still the weight stream, with the skinny kernel's split-K
         table = [(64, 64, 128, 4, 4, 3, 1, 1), (32, 64, 128, 4, 2, 3, 1, 1), (64, 64, 128, 2, 4, 3, 0, 1),
                  (64, 128, 128, 2, 8, 3, 0, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1)]
-    else:  # H100 sweep at M = 256: all 256 rows in one tile, x by TMA (the 10th field), split-K 2 to fill the SMs
-        table = [(256, 64, 128, 2, 4, 3, 0, 1, 1, 1), (256, 128, 128, 1, 8, 3, 0, 1, 1, 1), (128, 128, 128, 2, 8, 3, 0, 1, 1, 1),
+    else:  # H100 sweep at M = 256: all 256 rows in one tile, x by TMA (the 10th field), split-K to fill the SMs
+        table = [(256, 64, 128, 2, 4, 3, 0, 1, 1, 1), (256, 128, 128, 1, 8, 3, 0, 1, 1, 1), (256, 128, 128, 4, 8, 3, 0, 1, 1, 1),
+                 (128, 128, 128, 2, 8, 3, 0, 1, 1, 1),
                  (128, 128, 128, 2, 8, 3, 0, 1, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1),
                  (128, 128, 64, 1, 8, 3, 0, 1, 0), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
     table = [(*row, 0, 0)[:10] if len(row) < 10 else row for row in table]
