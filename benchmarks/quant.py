@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from mlsys_ref import backend  # noqa: E402
 from mlsys_ref.quant import qmatmul  # noqa: E402
 from mlsys_ref.quant.linear import QuantizedLinear  # noqa: E402
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference  # noqa: E402
@@ -279,11 +278,8 @@ def main() -> None:
         decode = []
     decode_table = common.markdown_table(decode) if decode else "(the decode run failed, see below)"
     chosen = "\n".join(f"- {key}: {config}" for key, config in tuned_configs().items())
-    pdl = backend.pdl_launch()["PDL"]
     notes = (f"Copy bandwidth measured in this run: {copy_tbps:.2f} TB/s (read + write). Times are per call, "
-             "from CUDA-graph replays over enough weight copies to defeat the L2. Programmatic dependent launch "
-             f"of the mlsys_ref kernels: {'on' if pdl else 'off'} (each waits for the previous kernel before "
-             "touching memory; cuBLAS in the bf16 rows is launched by torch without it).\n\n" + targets_note(rows)
+             "from CUDA-graph replays over enough weight copies to defeat the L2.\n\n" + targets_note(rows)
              + "\n\nDecode, batch 1, Llama-3.2-1B shapes (bf16 LM head in every row), CUDA graph:\n\n"
              + decode_table
              + ("\n\n**Correctness checks that FAILED (those kernels were not timed):**\n\n" + "\n".join(f"- {f}" for f in FAILURES)

@@ -29,10 +29,7 @@ __all__ = [
     "default_device",
     "info",
     "is_interpreter",
-    "pdl_launch",
-    "pdl_wait",
     "require_triton",
-    "set_pdl",
     "tma_descriptor",
     "triton",
     "tl",
@@ -152,52 +149,6 @@ def tma_descriptor(tensor: torch.Tensor, block_shape: list[int]):
             or (tensor.stride(0) * tensor.element_size()) % 16 or tensor.data_ptr() % 16:
         return None
     return _TensorDescriptor.from_tensor(tensor, block_shape)
-
-
-_PDL_WANTED = True
-
-
-def _pdl_supported() -> bool:
-    """Programmatic dependent launch needs compiled kernels on sm_90+ and a Triton that knows ``launch_pdl``."""
-    if not HAS_TRITON or is_interpreter() or not _HAS_CUDA or torch.cuda.get_device_capability() < (9, 0):
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_wait  # noqa: F401
-    except Exception:
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
-
-
-_PDL_SUPPORTED: bool | None = None
-
-
-def set_pdl(enabled: bool) -> bool:
-    """Turn programmatic dependent launch on or off for the kernels that take ``pdl_launch()``; returns the
-    previous setting. On by default where supported (the benchmarks time both)."""
-    global _PDL_WANTED
-    previous, _PDL_WANTED = _PDL_WANTED, bool(enabled)
-    return previous
-
-
-def pdl_launch() -> dict:
-    """Launch keywords for a kernel that calls :func:`pdl_wait` first: ``PDL`` (its constexpr) and, where
-    supported, ``launch_pdl`` -- the kernel may then be launched while the previous kernel in the stream (or
-    CUDA graph) is still finishing, which hides part of its launch latency behind that kernel's tail."""
-    global _PDL_SUPPORTED
-    if _PDL_SUPPORTED is None:
-        _PDL_SUPPORTED = _pdl_supported()
-    return dict(PDL=True, launch_pdl=True) if _PDL_WANTED and _PDL_SUPPORTED else dict(PDL=False)
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """First statement of a PDL-launched kernel: wait until the previous grid has finished and its writes are
-    visible (``griddepcontrol.wait``); nothing may be read or written before it. The previous grid is not
-    asked to let this one in early (``launch_dependents``): on the H100 that made back-to-back GEMMs up to
-    20% slower (this grid's waiting programs sit on SMs the previous grid's last wave could use)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
 
 
 def info() -> dict[str, str]:

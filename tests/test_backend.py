@@ -132,18 +132,3 @@ def test_tma_descriptor_only_where_tma_can_describe():
     assert tma_descriptor(base[:, 1:33], [8, 16]) is None  # base 2 bytes past an aligned address
     assert tma_descriptor(torch.zeros(8, 37, dtype=torch.float16), [8, 16]) is None  # 74-byte rows
     assert tma_descriptor(base.t(), [8, 8]) is None  # the last dimension is not contiguous
-
-
-def test_pdl_launch_keywords():
-    """Programmatic dependent launch: the kernel's PDL constexpr and Triton's launch_pdl travel together; under
-    the interpreter (and before sm_90) there is no PDL; set_pdl switches it and returns the old setting."""
-    from mlsys_ref.backend import pdl_launch, set_pdl
-
-    supported = (not backend.is_interpreter() and torch.cuda.is_available()
-                 and torch.cuda.get_device_capability() >= (9, 0))
-    assert pdl_launch() == (dict(PDL=True, launch_pdl=True) if supported else dict(PDL=False))
-    previous = set_pdl(False)
-    try:
-        assert pdl_launch() == dict(PDL=False)
-    finally:
-        assert set_pdl(previous) is False

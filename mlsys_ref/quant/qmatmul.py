@@ -62,8 +62,8 @@ import contextlib
 
 import torch
 
-from mlsys_ref.backend import (HAS_TRITON, check_kernel_device, default_device, is_interpreter, pdl_launch,
-                               require_triton, tl, tma_descriptor, triton)
+from mlsys_ref.backend import (HAS_TRITON, check_kernel_device, default_device, is_interpreter, require_triton, tl,
+                               tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
@@ -201,7 +201,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=cfg["num_stages"], BLOCK_N=cfg["BLOCK_N"],
             LOP3_LO=lop3_lo if cfg.get("LOP3", 1) else "", LOP3_HI=lop3_hi if cfg.get("LOP3", 1) else "",
             BLOCK_G=cfg["BLOCK_K"] // block_kg, BLOCK_KG=block_kg, X_PAIRS=x_dtype != torch.float32,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common, **pdl_launch())
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         return out
 
     xg = x2
@@ -241,10 +241,10 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
             ASM_Q=asm_q[pack] if asm else "", ASM_W=asm_w[pack] if asm else "", ASM_PACK=pack, BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **common, **pdl_launch())
+            **common)
         if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
             _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
-                                                                HAS_BIAS=bias is not None, BLOCK=1024, **pdl_launch())
+                                                                HAS_BIAS=bias is not None, BLOCK=1024)
         return out
 
     def run(cfg: dict) -> torch.Tensor:  # a config naming BLOCK_M is a tensor-core (GEMM) config, even at M = 1

@@ -15,7 +15,7 @@ happens:
 
 from __future__ import annotations
 
-from mlsys_ref.backend import pdl_wait, tl, triton
+from mlsys_ref.backend import tl, triton
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, LOP3_LO: tl.constexpr, LOP3_HI: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr):
     """M = 1: y[n] = Σ_g s[n,g]·(Σ_{k∈g} x_k·u[n,k] - (ZERO_SHIFT + z[n,g])·Σ_{k∈g} x_k) on the FMA units.
     The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 1 + u·2^-p by
     bit operations alone (_pair_codes); with x pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u, so per weight
@@ -133,7 +133,6 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
     ONE_HI: tl.constexpr = 0.0 if not X_PAIRS else HI
     BLOCK_WG: tl.constexpr = BLOCK_KG // CPW  # words per row per run
     BLOCK_K: tl.constexpr = BLOCK_G * BLOCK_KG  # codes per row per step
-    pdl_wait(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -225,9 +224,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
 
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK: tl.constexpr):
     """out[m, n] = Σ_s workspace[s, m, n] (+ bias[n]), all contiguous; a fixed order: deterministic."""
-    pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -262,12 +260,11 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                   EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
                   FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM_Q: tl.constexpr, ASM_W: tl.constexpr,
                   INTERLEAVE: tl.constexpr, X_DESC: tl.constexpr, ASM_PACK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
     as the left operand (N fills the MMA's M slot, so M = 16 wastes nothing); optional split-K."""
     PACK: tl.constexpr = 8 // BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PACK
-    pdl_wait(PDL)
     # axis 0 fastest: the M tiles that share one weight strip run together (it is read from HBM once)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from mlsys_ref.backend import (check_kernel_device, is_interpreter, pdl_launch, pdl_wait, require_triton, tl,
-                               tma_descriptor, triton)
+from mlsys_ref.backend import check_kernel_device, is_interpreter, require_triton, tl, tma_descriptor, triton
 from mlsys_ref.quant.primitives import quantize
 from mlsys_ref.quant.qmatmul_tune import m_bucket, pick_config
 
@@ -80,9 +79,8 @@ def _quantize_rows(v, rows, row_mask, mask, q_rows, offs, s_ptr):
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm,
-                               ONE_PASS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                               ONE_PASS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """ROWS tokens per program (short rows would leave most of a program idle), [ROWS, BLOCK_K] at a time."""
-    pdl_wait(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < M
     offs = tl.arange(0, BLOCK_K)
@@ -108,10 +106,9 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, q_ptr, s_ptr, M, K, eps, stride_xm, stride_ym, stride_qm,
-                     QUANTIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     QUANTIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """h = RMSNorm(x)·g as RMSNorm computes it in x's dtype; QUANTIZE: h never leaves registers, its int8
     codes and Δx are stored instead (SmoothQuant's fusion of the quantization into the preceding norm)."""
-    pdl_wait(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < M
     offs = tl.arange(0, BLOCK_K)
@@ -131,10 +128,8 @@ def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, q_ptr, s_ptr, M, K, eps, stride_xm, st
 def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_sb, stride_om, stride_on,
                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """TMA: a_ptr and b_ptr are tensor descriptors of Xq and Wq (tiles past M, N or K arrive as zeros).
-    PDL: launched while the quantization kernel before it finishes (programmatic dependent launch)."""
-    pdl_wait(PDL)
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """TMA: a_ptr and b_ptr are tensor descriptors of Xq and Wq (tiles past M, N or K arrive as zeros)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)  # axis 0 fastest: M tiles of one weight strip together
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -222,8 +217,7 @@ def quantize_per_token(x: torch.Tensor, config: dict | None = None) -> tuple[tor
         rows = config.get("ROWS", 1)
         _quantize_per_token_kernel[(triton.cdiv(x2.shape[0], rows),)](
             x2, q, s, x2.shape[0], K, x2.stride(0), x2.stride(1), q.stride(0),
-            ONE_PASS=config["BLOCK_K"] >= K, ROWS=rows, BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"],
-            **pdl_launch())
+            ONE_PASS=config["BLOCK_K"] >= K, ROWS=rows, BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"])
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
@@ -252,7 +246,7 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool):
         _rms_norm_kernel[(triton.cdiv(M, config["ROWS"]),)](
             x2, weight.contiguous(), y if not quantize else x2, q if quantize else x2, s, M, K, float(eps), x2.stride(0),
             y.stride(0) if not quantize else 0, q.stride(0) if quantize else 0, QUANTIZE=quantize, ROWS=config["ROWS"],
-            BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"], **pdl_launch())
+            BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"])
     if quantize:
         return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
     return y.reshape(x.shape)
@@ -311,8 +305,7 @@ def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
                 sa, w_scale, bias.contiguous() if bias is not None else out, out, M, N, K,
                 a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), w_scale.stride(0), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, TMA=tma, BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                **pdl_launch())
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return out
 
         key = (m_bucket(M), N, K, bias is not None, out_dtype)
