@@ -47,7 +47,9 @@ The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validate
 Left out: Marlin's offline weight reshuffle into tensor-core fragment order (the packed int4 tile goes
 through shared memory to reach the MMA's register layout, and the nibbles of a register are not in the
 order one LOP3 could turn into an MMA operand pair), asynchronous global->shared pipelines written
-by hand, and stream-K; int3 and int2 (use the PyTorch path). The split-K GEMV's counters are one buffer
+by hand, and stream-K (built and measured on the H100: slower at M = 256, where every weight tile
+re-reads all of x from the L2 and more programs on the same tiles only queue behind that ~3.2 TB/s;
+benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use the PyTorch path). The split-K GEMV's counters are one buffer
 per device: two such GEMVs running concurrently on two streams are not supported.
 
 The one idea to notice: at M = 1 the kernel is a memory copy of the quantized weight with a little
