@@ -14,9 +14,9 @@ zero points may be fractional, as in llama.cpp's Q4_1 grid).
 Two kernels:
 - ``_qgemv_kernel`` (M = 1, decode, on the FMA units): the packed weight is read as int32 words (8 int4
   or 4 int8 codes), [BLOCK_N, BLOCK_G, BLOCK_WG] words per step. Each code becomes the float
-  f = 1 + u·2^-p by bit operations alone (a shift per byte, then one LOP3 per code, (a & MASK) | ONE,
-  by inline PTX on the GPU: written in Triton, LLVM would turn it into two instructions), and with x
-  pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u: per weight only the bit operations and one FMA remain; the
+  f = 2^p + u by bit operations alone (a shift per byte, then one LOP3 per code, (a & MASK) | 2^p, by
+  inline PTX on the GPU: written in Triton, LLVM would turn it into two instructions), and
+  Σ x·f = 2^p·Σ x + Σ x·u: per weight only the bit operations and one FMA remain (no x·2^p); the
   group-wise affine is factored out, y_n = Σ_g s_gn·(Σ_{k∈g} x_k·u_kn - (ZERO_SHIFT + z_gn)·Σ_{k∈g} x_k),
   so scales, zeros and Σ x cost once per group. Loads are prefetched (a register double buffer, or
   Triton's cp.async pipeline). Split-K partials are summed by the *last* program of each tile (an
@@ -189,8 +189,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             xv = (xv if xv.stride(0) == 1 and xv.storage_offset() % 2 == 0 else xv.contiguous()).view(torch.int32)
 
     # GPU: each code -> float in one LOP3 by inline PTX (the interpreter runs the same bits in plain Triton)
-    lop3_lo = "" if is_interpreter() else lop3_ptx(0x00078000 if bits == 4 else 0x007F8000)
-    lop3_hi = "" if is_interpreter() else lop3_ptx(0x00780000)
+    lop3_lo = "" if is_interpreter() else lop3_ptx(0x00078000 if bits == 4 else 0x007F8000, 0x43800000)  # 256 + u
+    lop3_hi = "" if is_interpreter() else lop3_ptx(0x00780000, 0x41800000)  # int4 high nibble: 16 + u
 
     def run_gemv(cfg: dict) -> torch.Tensor:
         # runs of BLOCK_KG codes each inside one group; BLOCK_G runs per step

@@ -5,8 +5,8 @@ tile configs live in :mod:`mlsys_ref.quant.qmatmul_tune`, the inline PTX in :mod
 happens:
 - int -> float without a conversion instruction: OR the code into the mantissa of a power of two (the
   "magic number" conversion of FasterTransformer's weight-only kernels, Kim et al. 2022,
-  arXiv:2211.10017). The GEMV puts it under 1.0 (f = 1 + u·2^-p) and folds the "1 +" into a per-group
-  sum of x; the GEMM does the same on two bf16/f16 values per register with inline PTX.
+  arXiv:2211.10017). The GEMV ORs it into 256.0 or 16.0 (f = 2^p + u) and folds the "2^p +" into a
+  per-group sum of x; the GEMM does the same on two bf16/f16 values per register with inline PTX.
 - a packed int4 byte holds codes for columns 2j and 2j+1; a 16-bit activation pair x[2j], x[2j+1] is
   one int32 word, so x is read as int32 (contiguous, wide loads) and split with shifts -- and a bf16
   is the top half of an fp32, so for bf16 the split *is* the conversion to fp32.
@@ -73,30 +73,31 @@ def _byte_at_15(w, BYTE: tl.constexpr):
 
 
 @triton.jit
-def _or_one(a, MASK: tl.constexpr, LOP3: tl.constexpr):
-    """(a & MASK) | ONE (ONE = the bits of 1.0): ONE three-input LOP3 on the GPU, where LOP3 is its inline PTX
-    (lop3_ptx); left to LLVM, the expression is canonicalized to (a | ONE) & (MASK | ONE) and costs two."""
+def _or_power(a, MASK: tl.constexpr, POWER: tl.constexpr, LOP3: tl.constexpr):
+    """(a & MASK) | POWER (the bits of a power of two): one three-input LOP3 on the GPU, where LOP3 is its
+    inline PTX (lop3_ptx); left to LLVM, the expression is canonicalized to (a | P) & (MASK | P), two."""
     if LOP3 != "":
         return tl.inline_asm_elementwise(LOP3, "=r,r", [a], dtype=tl.int32, is_pure=True, pack=1)
-    return (a & MASK) | 0x3F800000
+    return (a & MASK) | POWER
 
 
 @triton.jit
 def _pair_codes(w, j: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr, LOP3_LO: tl.constexpr,
                 LOP3_HI: tl.constexpr):
     """int32 words -> (f_lo, f_hi) for code pair j of each word (int4: the nibbles of byte j; int8: bytes 2j,
-    2j+1): f = 1 + u·2^-8, except the int4 high nibble, f = 1 + u·2^-4. Bits only: a shift per byte and one
-    LOP3 per code (the int8 masks are both LOP3_LO's)."""
+    2j+1): f = 256 + u, except the int4 high nibble, f = 16 + u -- the code sits in the top mantissa bits
+    of 256.0 (or 16.0), whose unit in that place is exactly 1. Bits only: a shift per byte and one LOP3 per
+    code (the int8 masks are both LOP3_LO's)."""
     if BITS == 4:
         wb = _byte_at_15(w, j)
-        f_lo = _or_one(wb, 0x00078000, LOP3_LO)  # low nibble at bits [15, 19) under 1.0
-        f_hi = _or_one(wb, 0x00780000, LOP3_HI)  # high nibble at bits [19, 23)
+        f_lo = _or_power(wb, 0x00078000, 0x43800000, LOP3_LO)  # low nibble at bits [15, 19) of 256.0
+        f_hi = _or_power(wb, 0x00780000, 0x41800000, LOP3_HI)  # high nibble at bits [19, 23) of 16.0
     else:
-        f_lo = _or_one(_byte_at_15(w, 2 * j), 0x007F8000, LOP3_LO)  # the byte at bits [15, 23)
-        f_hi = _or_one(_byte_at_15(w, 2 * j + 1), 0x007F8000, LOP3_LO)
+        f_lo = _or_power(_byte_at_15(w, 2 * j), 0x007F8000, 0x43800000, LOP3_LO)  # the byte at bits [15, 23)
+        f_hi = _or_power(_byte_at_15(w, 2 * j + 1), 0x007F8000, 0x43800000, LOP3_LO)
     f_lo, f_hi = f_lo.to(tl.float32, bitcast=True), f_hi.to(tl.float32, bitcast=True)
-    if EXACT:  # fp32 x: f - 1 = u·2^-p exactly (one FADD more), so x̃·(f - 1) rounds like x·u itself
-        return f_lo - 1.0, f_hi - 1.0
+    if EXACT:  # fp32 x: f - 2^p = u exactly (one FADD more), so x·(f - 2^p) rounds like x·u itself
+        return f_lo - 256.0, f_hi - (16.0 if BITS == 4 else 256.0)
     return f_lo, f_hi
 
 
@@ -119,18 +120,18 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, LOP3_LO: tl.constexpr, LOP3_HI: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr):
     """M = 1: y[n] = Σ_g s[n,g]·(Σ_{k∈g} x_k·u[n,k] - (ZERO_SHIFT + z[n,g])·Σ_{k∈g} x_k) on the FMA units.
-    The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 1 + u·2^-p by
-    bit operations alone (_pair_codes); with x pre-scaled by 2^p, Σ x̃·f = Σ x̃ + Σ x·u, so per weight
-    only shift/LOP3 + one FMA remain; Σ x̃, Σ x, scales and zeros are applied once per group run.
+    The weight is read as int32 words (8 int4 or 4 int8 codes) and each code becomes f = 2^p + u by
+    bit operations alone (_pair_codes), so Σ x·f = 2^p·Σ x + Σ x·u: per weight only shift/LOP3 + one FMA
+    remain; 2^p·Σ x, Σ x, scales and zeros are applied once per group run.
     A step reads [BLOCK_N, BLOCK_G, BLOCK_WG] words (BLOCK_G runs of BLOCK_KG codes, each inside one group);
     STAGES = 1 loads the next step's words and scales during this step (register double buffer), STAGES > 1
     leaves it to Triton's cp.async pipeline. Split-K: each program stores its fp32 partials, and the last of
     the SPLIT_K programs of a tile (an atomic counter) sums them in a fixed order: one launch, deterministic."""
     CPW: tl.constexpr = 32 // BITS  # codes per int32 word
     PAIRS: tl.constexpr = CPW // 2  # x pairs (one int32 word of a 16-bit x) per weight word
-    HI: tl.constexpr = 16.0 if BITS == 4 else 256.0  # x̃ scale of the high code of a pair (2^p)
-    ONE_LO: tl.constexpr = 0.0 if not X_PAIRS else 256.0  # what the "1 +" of f adds per x (none when exact)
-    ONE_HI: tl.constexpr = 0.0 if not X_PAIRS else HI
+    # what the "2^p +" of f adds per x (none when exact): 256, and 16 for the int4 high nibble
+    ONE_LO: tl.constexpr = 0.0 if not X_PAIRS else 256.0
+    ONE_HI: tl.constexpr = 0.0 if not X_PAIRS else (16.0 if BITS == 4 else 256.0)
     BLOCK_WG: tl.constexpr = BLOCK_KG // CPW  # words per row per run
     BLOCK_K: tl.constexpr = BLOCK_G * BLOCK_KG  # codes per row per step
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -184,21 +185,21 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
             xi = k0 // 2 + col * PAIRS + j  # x pair (x[2·xi], x[2·xi + 1]) of code pair j, [BLOCK_G, BLOCK_WG]
             x_lo, x_hi = _x_pair(x_ptr, xi, K, stride_xk, X_PAIRS, EVEN_K, IS_BF16)
             f_lo, f_hi = _pair_codes(p, j, BITS, not X_PAIRS, LOP3_LO, LOP3_HI)
-            # x̃ = x·2^p (p = 8, or 4 for the high nibble): Σ x̃·f = Σ x̃ + Σ x·u; and c = Σ (x̃ + ZERO_SHIFT·x)
+            # Σ x·f = Σ x·u + Σ 2^p·x (p = 8, or 4 for the int4 high nibble); c = Σ (2^p + ZERO_SHIFT)·x
             if j == 0:
-                dot = f_lo * (x_lo * 256.0)[None, :, :]
+                dot = f_lo * x_lo[None, :, :]
                 c = x_lo * (ONE_LO + ZERO_SHIFT)
             else:
-                dot += f_lo * (x_lo * 256.0)[None, :, :]
+                dot += f_lo * x_lo[None, :, :]
                 c += x_lo * (ONE_LO + ZERO_SHIFT)
-            dot += f_hi * (x_hi * HI)[None, :, :]
+            dot += f_hi * x_hi[None, :, :]
             c += x_hi * (ONE_HI + ZERO_SHIFT)
             if HAS_ZEROS:
                 if j == 0:
                     x_sum = x_lo + x_hi
                 else:
                     x_sum += x_lo + x_hi
-        # -- per row and run: Σ x·q = Σ x̃·f - Σ (x̃ + ZERO_SHIFT·x)  (q = u - ZERO_SHIFT), minus z·Σ x
+        # -- per row and run: Σ x·q = Σ x·f - Σ (2^p + ZERO_SHIFT)·x  (q = u - ZERO_SHIFT), minus z·Σ x
         part = tl.sum(dot, axis=2) - tl.sum(c, axis=1)[None, :]  # [BLOCK_N, BLOCK_G]
         if HAS_ZEROS:
             part -= tl.load(z_ptr + sz_offs, mask=sz_mask, other=0).to(tl.float32) * tl.sum(x_sum, axis=1)[None, :]

@@ -56,6 +56,7 @@ def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool, pack: int = 2)
     return _NIBBLE_PTX.format(a=a, b=b, c=c, d=d, src=src, body="\n".join(steps),
                               second=f"\n    prmt.b32 u, ${src}, 0, 0x4342;" if pack == 4 else "")
 
-def lop3_ptx(mask: int) -> str:
-    """(a & mask) | 0x3F800000 in one LOP3 (lookup table 0xEA = (a & b) | c), for the GEMV's code -> float."""
-    return f"lop3.b32 $0, $1, {mask:#010x}, 0x3F800000, 0xEA;"
+def lop3_ptx(mask: int, power: int) -> str:
+    """(a & mask) | power in one LOP3 (lookup table 0xEA = (a & b) | c), for the GEMV's code -> float: the
+    code lands in the mantissa of the power of two whose bits are ``power``."""
+    return f"lop3.b32 $0, $1, {mask:#010x}, {power:#010x}, 0xEA;"
