@@ -49,8 +49,8 @@ through shared memory to reach the MMA's register layout, and the nibbles of a r
 order one LOP3 could turn into an MMA operand pair), asynchronous global->shared pipelines written
 by hand, and stream-K (built and measured on the H100: slower at M = 256, where every weight tile
 re-reads all of x from the L2 and more programs on the same tiles only queue behind that ~3.2 TB/s;
-benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use the PyTorch path). The split-K GEMV's counters are one buffer
-per device: two such GEMVs running concurrently on two streams are not supported.
+benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use the PyTorch path). The split-K GEMV's
+counters are one buffer per device: two such GEMVs running concurrently on two streams are not supported.
 
 The one idea to notice: at M = 1 the kernel is a memory copy of the quantized weight with a little
 arithmetic on the side; every design choice (word loads, bit-level conversion, factored scales,
@@ -217,16 +217,16 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     # inline PTX for the int4 codes: GPU, 16-bit x; the scaled variant also needs scales exact in x's dtype
     use_asm = bits == 4 and not fp32_dot
     use_asm_w = use_asm and zeros is None and scales.dtype == x_dtype
-    asm_q = {pack: nibble_ptx(x_dtype, common["ZERO_SHIFT"], False, pack) if use_asm else "" for pack in (2, 4)}
-    asm_w = {pack: nibble_ptx(x_dtype, common["ZERO_SHIFT"], True, pack) if use_asm_w else "" for pack in (2, 4)}
 
     def run_gemm(cfg: dict) -> torch.Tensor:
         cfg = _fit_block_k(cfg, group_size, K, min_block)  # a chunk never straddles a group
         k_per_split, target = split_k(cfg)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        asm, pack = cfg.get("ASM", 1), cfg.get("PACK", 4)  # PACK: bytes per inline-PTX call (nibble_ptx)
+        fold, pack = cfg.get("FOLD", 1), cfg.get("PACK", 4)  # PACK: bytes per inline-PTX call (nibble_ptx)
+        ptx = bool(cfg.get("ASM", 1)) and (use_asm if fold else use_asm_w)  # FOLD = 0 needs the scaled variant
+        asm, asm_args = nibble_ptx(x_dtype, common["ZERO_SHIFT"], not fold, pack) if ptx else ("", "")
         # INTERLEAVE (inline PTX only): codes back in k order, so x is read as stored, one dot per chunk
-        interleave = bool(cfg.get("IL", 0)) and bool(asm_q[2] if cfg.get("FOLD", 1) else asm_w[2]) and asm
+        interleave = bool(cfg.get("IL", 0)) and ptx
         xk = x2 if interleave else xg
         # TMA (interleaved path): x's tiles by the tensor-memory accelerator -- one instruction per
         # [BLOCK_M, BLOCK_K] tile instead of per-thread address math, what large-M tiles need (see the benchmark)
@@ -240,8 +240,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             SPLIT_K=cfg["SPLIT_K"], EVEN_K=K % cfg["BLOCK_K"] == 0, X_PAIRS=xk.dtype == torch.int32, INTERLEAVE=interleave,
             X_DESC=x_desc,
             DOT=tl.float32 if fp32_dot else (tl.float16 if x_dtype == torch.float16 else tl.bfloat16),
-            PRECISION="ieee" if fp32_dot else "tf32", FOLD=cfg.get("FOLD", 1), FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
-            ASM_Q=asm_q[pack] if asm else "", ASM_W=asm_w[pack] if asm else "", ASM_PACK=pack, BLOCK_M=cfg["BLOCK_M"],
+            PRECISION="ieee" if fp32_dot else "tf32", FOLD=fold, FOLD_SHIFT=fold_shift, FOLD_ONE=fold_one,
+            ASM=asm, ASM_ARGS=asm_args, ASM_PACK=pack, BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **common)
         if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast

@@ -1,8 +1,8 @@
 """The Triton kernels behind :mod:`mlsys_ref.quant.qmatmul` (W4A16 / W8A16), and the inline PTX they use.
 
 See qmatmul.py for the papers, the layout and the design; this file holds the ``@triton.jit`` code (the
-tile configs live in :mod:`mlsys_ref.quant.qmatmul_tune`, the inline PTX in :mod:`mlsys_ref.quant.qmatmul_ptx`). Tricks to notice, each spelled out where it
-happens:
+tile configs live in :mod:`mlsys_ref.quant.qmatmul_tune`, the inline PTX in :mod:`mlsys_ref.quant.qmatmul_ptx`).
+Tricks to notice, each spelled out where it happens:
 - int -> float without a conversion instruction: OR the code into the mantissa of a power of two (the
   "magic number" conversion of FasterTransformer's weight-only kernels, Kim et al. 2022,
   arXiv:2211.10017). The GEMV ORs it into 256.0 or 16.0 (f = 2^p + u) and folds the "2^p +" into a
@@ -259,7 +259,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
                   EVEN_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
-                  FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM_Q: tl.constexpr, ASM_W: tl.constexpr,
+                  FOLD_SHIFT: tl.constexpr, FOLD_ONE: tl.constexpr, ASM: tl.constexpr, ASM_ARGS: tl.constexpr,
                   INTERLEAVE: tl.constexpr, X_DESC: tl.constexpr, ASM_PACK: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M >= 2: yᵀ tile [BLOCK_N, BLOCK_M] = W x^T on the tensor cores, the weight dequantized in registers
@@ -293,24 +293,18 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
         s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
         if HAS_ZEROS:  # (q - z)·s = q·s - z·s: one FMA per weight (or per output, folded)
             zs = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32) * s
-        USE_ASM: tl.constexpr = (FOLD and ASM_Q != "") or (not FOLD and ASM_W != "")
+        USE_ASM: tl.constexpr = ASM != ""
         if X_PAIRS and not INTERLEAVE:
             x_even, x_odd = _load_x_pairs(x_rows, k0, offs_j, local_m, rows_left, K, stride_xm, stride_xk, DOT, IS_BF16)
-        # ASM_PACK bytes per call: 4 takes a loaded 32-bit register whole (no byte packing around the call)
-        if FOLD and ASM_Q != "" and ASM_PACK == 2:  # exact codes q of both nibbles, two per register (nibble_ptx)
-            q_even, q_odd = tl.inline_asm_elementwise(ASM_Q, "=r,=r,r", [p], dtype=(tl.int16, tl.int16), is_pure=True,
-                                                      pack=2)
-        if FOLD and ASM_Q != "" and ASM_PACK == 4:
-            q_even, q_odd = tl.inline_asm_elementwise(ASM_Q, "=r,=r,=r,=r,r", [p], dtype=(tl.int16, tl.int16),
-                                                      is_pure=True, pack=4)
-        if not FOLD and ASM_W != "":  # dequantized q·s of both nibbles (symmetric), two per register
+        # inline PTX (nibble_ptx, ASM_PACK bytes per call; 4 takes a loaded 32-bit register whole, so the compiler
+        # packs no bytes around the call): FOLD, the exact codes q of both nibbles, else q·s (symmetric)
+        if USE_ASM and FOLD:
+            q_even, q_odd = tl.inline_asm_elementwise(ASM, ASM_ARGS, [p], dtype=(tl.int16, tl.int16), is_pure=True,
+                                                      pack=ASM_PACK)
+        if USE_ASM and not FOLD:
             s_b = tl.broadcast_to(s.to(DOT)[:, None], [BLOCK_N, BLOCK_KP])
-            if ASM_PACK == 2:
-                q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,r,r", [p, s_b], dtype=(tl.int16, tl.int16),
-                                                          is_pure=True, pack=2)
-            else:
-                q_even, q_odd = tl.inline_asm_elementwise(ASM_W, "=r,=r,=r,=r,r,r,r", [p, s_b],
-                                                          dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+            q_even, q_odd = tl.inline_asm_elementwise(ASM, ASM_ARGS, [p, s_b], dtype=(tl.int16, tl.int16), is_pure=True,
+                                                      pack=ASM_PACK)
         if INTERLEAVE:  # codes back in k order, (even, odd) adjacent: one dot against x as stored, [BLOCK_K, BLOCK_M]
             w = tl.join(q_even, q_odd).reshape(BLOCK_N, BLOCK_K).to(DOT, bitcast=True)
             if X_DESC:  # [BLOCK_K, BLOCK_M]; rows past M (and columns past K) arrive as zeros
@@ -351,7 +345,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                     part = tl.dot(w, xs, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], this chunk only
                 else:
                     part = tl.dot(w, xs, part, input_precision=PRECISION)
-                if HAS_ZEROS or (BITS == 4 and ASM_Q == ""):
+                if HAS_ZEROS or (BITS == 4 and ASM == ""):
                     if t == 0:
                         x_sum = tl.sum(xs.to(tl.float32), axis=0)  # Σ_k x[m, k] over the chunk, [BLOCK_M]
                     else:
@@ -359,7 +353,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
             else:
                 acc = tl.dot(w, xs, acc, input_precision=PRECISION)
         if FOLD:
-            if BITS == 4 and ASM_Q == "":  # w = 1 + u/16: Σ x·q = 16·part - (16 + ZERO_SHIFT)·Σ x
+            if BITS == 4 and ASM == "":  # w = 1 + u/16: Σ x·q = 16·part - (16 + ZERO_SHIFT)·Σ x
                 c = s * (16 + ZERO_SHIFT)
                 s_part = s * 16.0
             else:  # w = q
@@ -367,7 +361,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, group_siz
                 s_part = s
             if HAS_ZEROS:
                 c += zs
-            if HAS_ZEROS or (BITS == 4 and ASM_Q == ""):
+            if HAS_ZEROS or (BITS == 4 and ASM == ""):
                 acc += s_part[:, None] * part - c[:, None] * x_sum[None, :]
             else:
                 acc += s_part[:, None] * part

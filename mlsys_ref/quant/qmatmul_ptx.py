@@ -21,10 +21,10 @@ _NIBBLE_PTX = """{{
 
 
 @functools.lru_cache(maxsize=None)  # called on every launch: build each string once
-def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool, pack: int = 2) -> str:
-    """Inline PTX for the GEMM (GPU only): ``pack`` (2 or 4) stored bytes -> the codes q = u - zero_shift of
-    their nibbles as bf16x2/f16x2 registers (even nibbles first, then odd ones), or q·s when ``scaled`` (the
-    scales are the last operands). PRMT spreads two bytes into the two halves of a register; one LOP3 ORs a
+def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool, pack: int = 2) -> tuple[str, str]:
+    """(PTX, its operand constraints) for the GEMM (GPU only): ``pack`` (2 or 4) stored bytes -> the codes
+    q = u - zero_shift of their nibbles as bf16x2/f16x2 registers (even nibbles first, then odd ones), or q·s
+    when ``scaled`` (the scales are the last operands). PRMT spreads two bytes into the two halves of a register; one LOP3 ORs a
     nibble into the mantissa of a power of two, f = 2^e + u·2^j (bf16: 128 + u, its 7 mantissa bits take the
     low nibble in place and the high one after a shift by 4; fp16: 1024 + u and 1024 + 16·u, both in place);
     one packed FMA, f·2^-j - (2^(e-j) + zero_shift), gives q exactly: 1.5 (bf16) or 1.25 (fp16) instructions
@@ -53,8 +53,11 @@ def nibble_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool, pack: int = 2)
             else:
                 bits = f"lop3.b32 v, {reg}, 0x00F000F0, {magic}, 0xea; fma.rn.{ty} ${out}, v, c, d;"
             steps.append("    " + bits + scale)
-    return _NIBBLE_PTX.format(a=a, b=b, c=c, d=d, src=src, body="\n".join(steps),
-                              second=f"\n    prmt.b32 u, ${src}, 0, 0x4342;" if pack == 4 else "")
+    ptx = _NIBBLE_PTX.format(a=a, b=b, c=c, d=d, src=src, body="\n".join(steps),
+                             second=f"\n    prmt.b32 u, ${src}, 0, 0x4342;" if pack == 4 else "")
+    # one output register per 2 codes, one register of packed bytes, one of scales per output pair
+    return ptx, ",".join(["=r"] * pack + ["r"] + ["r"] * (len(halves) if scaled else 0))
+
 
 def lop3_ptx(mask: int, power: int) -> str:
     """(a & mask) | power in one LOP3 (lookup table 0xEA = (a & b) | c), for the GEMV's code -> float: the

@@ -108,7 +108,7 @@ def gemm_configs(M: int) -> list[dict]:
                  (128, 128, 128, 2, 8, 3, 0, 1, 1, 1),
                  (128, 128, 128, 2, 8, 3, 0, 1, 1), (128, 128, 128, 1, 8, 3, 0, 1, 1), (64, 128, 64, 1, 4, 3, 0, 1, 1),
                  (128, 128, 64, 1, 8, 3, 0, 1, 0), (128, 128, 64, 1, 8, 3, 0, 0, 0)]
-    table = [(*row, 0, 0)[:10] if len(row) < 10 else row for row in table]
+    table = [(*row, 0, 0)[:10] for row in table]  # IL and TMA default to 0
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f, ASM=a, IL=il, TMA=tma)
             for m, n, k, s, w, st, f, a, il, tma in table]
 
