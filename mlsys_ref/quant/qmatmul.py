@@ -44,10 +44,12 @@ and split with two shifts (fp32 x: two strided loads); act-order permutes x once
 kernel (``x[..., perm]``: M·K elements, negligible next to N·K weights) so the kernel never gathers.
 The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validates and launches.
 
-Left out: Marlin's offline weight reshuffle into tensor-core fragment order (the packed int4 tile goes
-through shared memory to reach the MMA's register layout, and the nibbles of a register are not in the
-order one LOP3 could turn into an MMA operand pair), asynchronous global->shared pipelines written
-by hand, and stream-K (built and measured on the H100: slower at M = 256, where every weight tile
+Marlin's offline weight reshuffle into tensor-core fragment order is :mod:`mlsys_ref.quant.qmatmul_mma`
+(``pack_int4_mma``): an int32 qweight is that layout, and its kernel serves every M; QuantizedLinear
+keeps the row-major codes (its storage format) and packs a copy on first use for 2 <= M <= 64
+(mma_layout_applies).
+In the row-major kernels below, the packed int4 tile goes through shared memory to reach the MMA's register
+layout. Left out: asynchronous global->shared pipelines written by hand, and stream-K (built and measured on the H100: slower at M = 256, where every weight tile
 re-reads all of x from the L2 and more programs on the same tiles only queue behind that ~3.2 TB/s;
 benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use the PyTorch path). The split-K GEMV's
 counters are one buffer per device: two such GEMVs running concurrently on two streams are not supported.
@@ -68,11 +70,12 @@ from mlsys_ref.backend import (HAS_TRITON, check_kernel_device, default_device, 
                                tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
+from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, pack_int4_mma, unpack_int4_mma
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
-from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, pick_config
+from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, mma_configs, pick_config
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "use_kernels",
-           "kernel_applies"]
+           "kernel_applies", "pack_int4_mma"]
 
 
 def _fit_block_k(config: dict, group_size: int, K: int, min_block: int) -> dict:
@@ -128,9 +131,13 @@ def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, in
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [N, K/2] (int4) or [N, K] (int8), got {tuple(qweight.shape)}")
     N = qweight.shape[0]
-    if bits == 4 and (qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K):
-        raise ValueError(f"int4 qweight must be uint8 [N, K/2] = [{N}, {K / 2:g}] (K = x.shape[-1] = {K}), "
-                         f"got {qweight.dtype} {tuple(qweight.shape)}")
+    mma_words = 16 * -(-K // UNIT)  # int32 words per row of the fragment layout (pack_int4_mma)
+    if bits == 4 and qweight.dtype == torch.int32 and qweight.shape[1] != mma_words:
+        raise ValueError(f"int4 qweight in fragment order (pack_int4_mma) must be int32 [N, {mma_words}] for "
+                         f"K = x.shape[-1] = {K}, got {tuple(qweight.shape)}")
+    if bits == 4 and qweight.dtype != torch.int32 and (qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K):
+        raise ValueError(f"int4 qweight must be uint8 [N, K/2] = [{N}, {K / 2:g}] (K = x.shape[-1] = {K}) or int32 "
+                         f"[N, {mma_words}] from pack_int4_mma, got {qweight.dtype} {tuple(qweight.shape)}")
     if bits == 8 and (qweight.dtype not in (torch.int8, torch.uint8) or qweight.shape[1] != K):
         raise ValueError(f"int8 qweight must be int8/uint8 [N, K] = [{N}, {K}], got {qweight.dtype} {tuple(qweight.shape)}")
     if scales.dim() != 2 or scales.shape[0] != N or not scales.is_floating_point() or K % scales.shape[1]:
@@ -142,6 +149,8 @@ def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, in
     min_block = 32 if bits == 4 else 16  # tl.dot needs 16 codes of each half-chunk
     if group_size < K and group_size % min_block:
         raise ValueError(f"group_size={group_size} must be a multiple of {min_block} for the int{bits} kernels")
+    if qweight.dtype == torch.int32 and group_size < K and group_size % UNIT:
+        raise ValueError(f"group_size={group_size} must be a multiple of {UNIT} (or all of K) for the fragment layout")
     if perm is not None and (perm.dtype != torch.int64 or perm.shape != (K,)):
         raise ValueError(f"perm must be None or int64 [K={K}], got {perm.dtype} {tuple(perm.shape)}")
     if bias is not None and bias.shape != (N,):
@@ -172,6 +181,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         scales, zeros = scales.contiguous(), zeros.contiguous()
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     b = bias.contiguous() if bias is not None else out
+    if qweight.dtype == torch.int32:  # fragment order (qmatmul_mma): its own kernel, for every M
+        return _launch_mma(x2, qweight, scales, zeros, bias, group_size, out, config)
     min_block = 32 if bits == 4 else 16
     key = (m_bucket(M), N, K, group_size, bits, signed, zeros is not None, bias is not None, x_dtype)
 
@@ -260,19 +271,44 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     return run(pick_config("qmm", key, candidates, run))
 
 
+def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:
+    """The fragment-layout kernel (qmatmul_mma); split-K partials are summed by the second kernel."""
+    M, K = x2.shape
+    N = out.shape[1]
+    bias = bias.contiguous() if bias is not None else None
+
+    def run(cfg: dict) -> torch.Tensor:
+        split, last = cfg["SPLIT_K"], split_last(cfg)
+        workspace = None if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        mma_launch(x2, packed, scales, zeros, bias, group_size, cfg, out, workspace,
+                   _counters(out.device, tiles) if last else None)
+        if split > 1 and not last:
+            _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](workspace, bias if bias is not None else out, out, M * N,
+                                                                N, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+        return out
+
+    def split_last(cfg: dict) -> bool:  # split-K partials summed in the kernel by the last arrival
+        return cfg["SPLIT_K"] > 1 and bool(cfg.get("LAST", 0))
+
+    key = (m_bucket(M), N, K, group_size, zeros is not None, bias is not None, x2.dtype)
+    return run(config if config is not None else pick_config("qmm_mma", key, mma_configs(M), run))
+
+
 class _QuantMatmul(torch.autograd.Function):
     """Forward: the kernel. Backward (inputs only; the codes are not trained): dx = dy @ dequant(W)."""
 
     @staticmethod
     def forward(ctx, x2, qweight, scales, zeros, bias, bits, group_size, config):
         ctx.save_for_backward(qweight, scales, zeros)
-        ctx.bits = bits
+        ctx.bits, ctx.K = bits, x2.shape[1]
         return _launch(x2, qweight, scales, zeros, bits, bias, group_size, config)
 
     @staticmethod
     def backward(ctx, grad):
         qweight, scales, zeros = ctx.saved_tensors
-        grad_x = grad @ dequantize_weight(qweight, scales, zeros, ctx.bits).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (grad @ dequantize_weight(qweight, scales, zeros, ctx.bits, ctx.K).to(grad.dtype)
+                  if ctx.needs_input_grad[0] else None)
         grad_b = grad.sum(0) if ctx.needs_input_grad[4] else None
         return grad_x, None, None, None, grad_b, None, None, None
 
@@ -290,8 +326,14 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 # -- the PyTorch path: dequantize, then matmul (what every kernel is tested against) -----------------
-def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Ŵ_stored [N, K] in fp32 from the storage format (int4 symmetric codes are stored +8)."""
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                      K: int | None = None) -> torch.Tensor:
+    """Ŵ_stored [N, K] in fp32 from the storage format (int4 symmetric codes are stored +8); the fragment
+    layout (int32, from pack_int4_mma) is padded, so it needs K."""
+    if qweight.dtype == torch.int32:
+        if K is None:
+            raise ValueError("dequantize_weight needs K for a qweight in fragment order (pack_int4_mma)")
+        qweight = unpack_int4_mma(qweight, K)
     if bits == 4:
         q = unpack_int4(qweight).to(torch.int32) - (8 if zeros is None else 0)
     else:
@@ -302,7 +344,7 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 def quant_matmul_reference(x, qweight, scales, zeros=None, *, bits, perm=None, bias=None) -> torch.Tensor:
     """Dequantize-then-matmul in fp32 (fp64 when x is fp64), returned in x's dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    W = dequantize_weight(qweight, scales, zeros, bits).to(compute)
+    W = dequantize_weight(qweight, scales, zeros, bits, x.shape[-1]).to(compute)
     xc = x.to(compute) if perm is None else x.to(compute)[..., perm]
     y = xc @ W.T
     return (y if bias is None else y + bias.to(compute)).to(x.dtype)
@@ -314,7 +356,7 @@ def quant_matmul_eager(x, qweight, scales, zeros=None, *, bits, perm=None, bias=
     Its error against the fp64 reference is the yardstick for a kernel's error at large K in bf16:
     a kernel that rounds Ŵ to bf16 before the tensor cores (as this does) cannot beat it.
     """
-    W = dequantize_weight(qweight, scales, zeros, bits).to(x.dtype)
+    W = dequantize_weight(qweight, scales, zeros, bits, x.shape[-1]).to(x.dtype)
     xp = x if perm is None else x[..., perm]
     return torch.nn.functional.linear(xp, W, None if bias is None else bias.to(x.dtype))
 
@@ -362,10 +404,37 @@ def kernel_applies(module, x: torch.Tensor) -> bool:
     return not is_interpreter() or _interpreter_steps(x.numel() // K, module.out_features, K) <= INTERPRETER_MAX_STEPS
 
 
+MMA_LAYOUT_M = (2, 64)  # the token counts QuantizedLinear runs in fragment order (H100 measurements)
+
+
+def mma_layout_applies(module, x: torch.Tensor) -> bool:
+    """Whether the module's int4 weight runs in fragment order (pack_int4_mma): int4 with groups of whole
+    128-code units, 16-bit x and 2 <= M <= 64. Outside that range the row-major kernels were faster on the H100
+    (benchmarks/results/h100-sxm/quant_notes.md): the FMA GEMV at M = 1 by 2-6%, the TMA-fed GEMM at M = 256."""
+    K, M = module.in_features, x.numel() // max(module.in_features, 1)
+    return (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
+            and x.dtype in (torch.float16, torch.bfloat16) and MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1])
+
+
+def mma_qweight(module) -> torch.Tensor:
+    """The module's int4 codes in fragment order, packed on first use and cached on the module (a second copy
+    of the codes: 0.5 byte a weight); re-packed when qweight changes (in place, or moved to another device)."""
+    qweight = module.qweight
+    cached = getattr(module, "_mma_cache", None)
+    stamp = (qweight.data_ptr(), qweight._version, qweight.device)
+    if cached is None or cached[0] != stamp:
+        if qweight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("QuantizedLinear: run the layer once before capturing a CUDA graph (its int4 weight "
+                               "is packed into fragment order on first use)")
+        cached = module._mma_cache = (stamp, pack_int4_mma(qweight))
+    return cached[1]
+
+
 def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """The kernel path of QuantizedLinear.forward."""
+    """The kernel path of QuantizedLinear.forward (int4 in fragment order where it applies)."""
     bias = None if module.bias is None else module.bias.to(x.dtype)
-    return quant_matmul(x, module.qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
+    qweight = mma_qweight(module) if mma_layout_applies(module, x) else module.qweight
+    return quant_matmul(x, qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 from mlsys_ref.backend import is_interpreter
 
-__all__ = ["pick_config", "tuned_configs", "m_bucket", "gemv_configs", "gemm_configs"]
+__all__ = ["pick_config", "tuned_configs", "m_bucket", "gemv_configs", "gemm_configs", "mma_configs"]
 
 _BEST: dict[Hashable, dict] = {}  # (kernel name, key) -> the winning config
 
@@ -111,6 +111,23 @@ def gemm_configs(M: int) -> list[dict]:
     table = [(*row, 0, 0)[:10] for row in table]  # IL and TMA default to 0
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, FOLD=f, ASM=a, IL=il, TMA=tma)
             for m, n, k, s, w, st, f, a, il, tma in table]
+
+
+def mma_configs(M: int) -> list[dict]:
+    """The fragment-layout kernel (qmatmul_mma): (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, LAST).
+    BLOCK_N is a multiple of 16 (whole MMA row slabs), BLOCK_K of 128 (whole units); num_stages > 1 pipelines
+    the weight through shared memory with cp.async; LAST = 1 sums split-K partials in the kernel (the last
+    program of a tile), else a second kernel does."""
+    if is_interpreter():
+        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, LAST=1)]
+    if M <= 16:  # H100 sweep (triton 3.6): 4 warps x 64 rows, 128-code steps 3-4 deep, split-K 2-8 summed in-kernel
+        table = [(16, 64, 128, 4, 4, 4, 1), (16, 64, 128, 2, 4, 4, 1), (16, 64, 128, 8, 4, 3, 1),
+                 (16, 64, 256, 4, 4, 3, 1), (16, 64, 128, 8, 4, 4, 1), (16, 128, 128, 4, 8, 3, 1)]
+    else:  # M = 64 sweep; larger M (the row-major GEMM is faster there) gets the same tiles, M-tiled
+        table = [(64, 64, 128, 4, 4, 3, 0), (64, 64, 128, 2, 4, 3, 0), (64, 128, 128, 2, 8, 3, 0),
+                 (64, 128, 128, 4, 8, 3, 0)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, LAST=last)
+            for m, n, k, s, w, st, last in table]
 
 
 if __name__ == "__main__":
