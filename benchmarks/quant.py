@@ -240,28 +240,40 @@ def decode_rows(layers: int, **sizes) -> list[dict]:
 
 
 BASELINE = {"W8A8 + quant fused in RMSNorm": "bf16 RMSNorm + cuBLAS"}  # a row's bf16 counterpart (default: bf16 cuBLAS)
-# (kernel, M, floor, target) on the speed-up over bf16. W4A16 is judged on the path QuantizedLinear takes: the
-# fragment layout for 2 <= M <= 64, row-major otherwise (qmatmul.mma_layout_applies); the md table has both.
+# (kernels, M, floor, target) on the speed-up over bf16. W4A16 is judged on the path QuantizedLinear takes
+# (qmatmul.quantized_linear): the faster layout at M = 1 (it times both), the fragment layout for 2 <= M <= 64,
+# row-major above; the md table has both layouts at every M.
+W4_M1 = ("W4A16 g128", "W4A16 g128 fragment")
 TARGETS = [
-    ("W4A16 g128", 1, 2.5, 3.5), ("W8A16", 1, 1.6, 1.9), ("W4A16 g128 fragment", 16, 2.0, 3.0),
-    ("W4A16 g128", 256, 0.9, 1.0), ("W8A8", 256, 1.3, 1.7), ("W8A8 GEMM only", 256, 1.3, 1.7),
-    ("W8A8 + quant fused in RMSNorm", 256, 1.3, 1.7),
+    (W4_M1, 1, 2.5, 3.5), (("W8A16",), 1, 1.6, 1.9), (("W4A16 g128 fragment",), 16, 2.0, 3.0),
+    (("W4A16 g128",), 256, 0.9, 1.0), (("W8A8",), 256, 1.3, 1.7), (("W8A8 GEMM only",), 256, 1.3, 1.7),
+    (("W8A8 + quant fused in RMSNorm",), 256, 1.3, 1.7),
 ]
+
+
+def best_of(rows: list[dict], kernels: tuple, M: int) -> list[dict]:
+    """Per shape, the fastest row among ``kernels`` at M (one kernel: its rows)."""
+    best = {}
+    for r in rows:
+        if r["kernel"] in kernels and r["M"] == M and (r["shape"] not in best or r["us"] < best[r["shape"]]["us"]):
+            best[r["shape"]] = r
+    return list(best.values())
 
 
 def targets_note(rows: list[dict]) -> str:
     lines = ["| what | floor | target | measured (per shape) | met |", "|---|---|---|---|---|"]
-    for kernel, M, floor, target in TARGETS:
-        values = [r["speedup_vs_bf16"] for r in rows if r["kernel"] == kernel and r["M"] == M]
+    for kernels, M, floor, target in TARGETS:
+        values = [r["speedup_vs_bf16"] for r in best_of(rows, kernels, M)]
         if values:
             shown = ", ".join(f"{v:.2f}x" for v in values)
-            lines.append(f"| {kernel}, M = {M} vs {BASELINE.get(kernel, 'bf16 cuBLAS')} | {floor}x | {target}x | {shown} | "
-                         f"{'yes' if min(values) >= floor else 'NO'} |")
-    gemv = [r for r in rows if r["kernel"] == "W4A16 g128" and r["M"] == 1]
+            name = " or ".join(kernels) + (" (the faster, as QuantizedLinear picks)" if len(kernels) > 1 else "")
+            lines.append(f"| {name}, M = {M} vs {BASELINE.get(kernels[0], 'bf16 cuBLAS')} | {floor}x | {target}x | "
+                         f"{shown} | {'yes' if min(values) >= floor else 'NO'} |")
+    gemv = best_of(rows, W4_M1, 1)
     large = [r["pct_copy_bw"] for r in gemv if r["N"] * r["K"] > 4096 * 4096]  # the issue judges the large shapes
     if gemv:
         shown = ", ".join(f"{r['pct_copy_bw']:.0f}%" for r in gemv)
-        lines.append(f"| W4A16 GEMV weight bandwidth, % of copy (judged on the large shapes) | 70% | 85% | {shown} | "
+        lines.append(f"| W4A16 M = 1 weight bandwidth, % of copy (judged on the large shapes) | 70% | 85% | {shown} | "
                      f"{'yes' if large and min(large) >= 70 else 'NO'} |")
     return "\n".join(lines)
 

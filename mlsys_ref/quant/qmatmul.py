@@ -404,13 +404,14 @@ def kernel_applies(module, x: torch.Tensor) -> bool:
     return not is_interpreter() or _interpreter_steps(x.numel() // K, module.out_features, K) <= INTERPRETER_MAX_STEPS
 
 
-MMA_LAYOUT_M = (2, 64)  # the token counts QuantizedLinear runs in fragment order (H100 measurements)
+MMA_LAYOUT_M = (1, 64)  # the token counts QuantizedLinear may run in fragment order (H100 measurements)
 
 
 def mma_layout_applies(module, x: torch.Tensor) -> bool:
-    """Whether the module's int4 weight runs in fragment order (pack_int4_mma): int4 with groups of whole
-    128-code units, 16-bit x and 2 <= M <= 64. Outside that range the row-major kernels were faster on the H100
-    (benchmarks/results/h100-sxm/quant_notes.md): the FMA GEMV at M = 1 by 2-6%, the TMA-fed GEMM at M = 256."""
+    """Whether the module's int4 weight may run in fragment order (pack_int4_mma): int4 with groups of whole
+    128-code units, 16-bit x and M <= 64 (at M = 256 the row-major TMA-fed GEMM was faster on the H100,
+    benchmarks/results/h100-sxm/quant_notes.md). At M = 1 the layout is timed against the row-major GEMV
+    (quantized_linear), each faster on some shapes."""
     K, M = module.in_features, x.numel() // max(module.in_features, 1)
     return (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
             and x.dtype in (torch.float16, torch.bfloat16) and MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1])
@@ -431,10 +432,22 @@ def mma_qweight(module) -> torch.Tensor:
 
 
 def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """The kernel path of QuantizedLinear.forward (int4 in fragment order where it applies)."""
+    """The kernel path of QuantizedLinear.forward: int4 in fragment order where it applies; at M = 1 the two
+    layouts' tuned kernels are timed once per shape (the fragment kernel wins at 11008x4096 on the H100, the
+    row-major GEMV at 4096x4096) and the faster is kept."""
     bias = None if module.bias is None else module.bias.to(x.dtype)
-    qweight = mma_qweight(module) if mma_layout_applies(module, x) else module.qweight
-    return quant_matmul(x, qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
+
+    def run(layout: dict) -> torch.Tensor:
+        qweight = mma_qweight(module) if layout["LAYOUT"] == "fragment" else module.qweight
+        return quant_matmul(x, qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
+
+    if not mma_layout_applies(module, x):
+        return run(dict(LAYOUT="row-major"))
+    if x.numel() // module.in_features > 1:
+        return run(dict(LAYOUT="fragment"))
+    key = (module.out_features, module.in_features, module.group_size, module.zeros is not None,
+           module.bias is not None, x.dtype)
+    return run(pick_config("qlinear_layout", key, [dict(LAYOUT="row-major"), dict(LAYOUT="fragment")], run))
 
 
 if __name__ == "__main__":

@@ -114,20 +114,22 @@ def gemm_configs(M: int) -> list[dict]:
 
 
 def mma_configs(M: int) -> list[dict]:
-    """The fragment-layout kernel (qmatmul_mma): (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, LAST).
-    BLOCK_N is a multiple of 16 (whole MMA row slabs), BLOCK_K of 128 (whole units); num_stages > 1 pipelines
-    the weight through shared memory with cp.async; LAST = 1 sums split-K partials in the kernel (the last
-    program of a tile), else a second kernel does."""
+    """The fragment-layout kernel (qmatmul_mma): (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, LAST,
+    TMA). BLOCK_N is a multiple of 16 (whole MMA row slabs), BLOCK_K of 128 (whole units); num_stages > 1
+    pipelines the weight through shared memory with cp.async; LAST = 1 sums split-K partials in the kernel (the
+    last program of a tile), else a second kernel does; TMA = 1 brings x's tiles by a tensor descriptor, 0 by
+    cp.async with the weight (no barrier set-up: faster at M = 1)."""
     if is_interpreter():
-        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, LAST=1)]
+        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, LAST=1, TMA=1)]
     if M <= 16:  # H100 sweep (triton 3.6): 4 warps x 64 rows, 128-code steps 3-4 deep, split-K 2-8 summed in-kernel
-        table = [(16, 64, 128, 4, 4, 4, 1), (16, 64, 128, 2, 4, 4, 1), (16, 64, 128, 8, 4, 3, 1),
-                 (16, 64, 256, 4, 4, 3, 1), (16, 64, 128, 8, 4, 4, 1), (16, 128, 128, 4, 8, 3, 1)]
+        table = [(16, 64, 128, 4, 4, 4, 1, 0), (16, 64, 128, 2, 4, 4, 1, 0), (16, 64, 128, 8, 4, 3, 1, 0),
+                 (16, 64, 128, 4, 4, 4, 1, 1), (16, 64, 128, 2, 4, 4, 1, 1), (16, 64, 128, 8, 4, 3, 1, 1),
+                 (16, 64, 256, 4, 4, 3, 1, 0), (16, 128, 128, 4, 8, 3, 1, 0)]
     else:  # M = 64 sweep; larger M (the row-major GEMM is faster there) gets the same tiles, M-tiled
-        table = [(64, 64, 128, 4, 4, 3, 0), (64, 64, 128, 2, 4, 3, 0), (64, 128, 128, 2, 8, 3, 0),
-                 (64, 128, 128, 4, 8, 3, 0)]
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, LAST=last)
-            for m, n, k, s, w, st, last in table]
+        table = [(64, 64, 128, 4, 4, 3, 0, 1), (64, 64, 128, 2, 4, 3, 0, 1), (64, 128, 128, 2, 8, 3, 0, 1),
+                 (64, 128, 128, 4, 8, 3, 0, 1), (64, 64, 128, 4, 4, 3, 0, 0)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, LAST=last, TMA=tma)
+            for m, n, k, s, w, st, last, tma in table]
 
 
 if __name__ == "__main__":

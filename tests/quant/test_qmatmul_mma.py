@@ -118,12 +118,13 @@ def test_bad_inputs_raise(device):
 
 
 def test_quantized_linear_packs_once_and_again_after_a_change(device):
-    """The module runs 2 <= M <= 64 in fragment order, packed on first use and cached; M = 1 stays row-major
-    (the GEMV), and so does M = 65; changing qweight in place re-packs."""
+    """The module runs 2 <= M <= 64 in fragment order, packed on first use and cached (M = 1 may, by timing; M = 65
+    stays row-major); changing qweight in place re-packs."""
     ql = make_layer(40, 256, 128, True, device, scale_dtype=torch.float16)
     x = torch.randn(3, 256, device=device, dtype=torch.float16)
-    assert qmatmul.mma_layout_applies(ql, x) and not qmatmul.mma_layout_applies(ql, x[:1])
+    assert qmatmul.mma_layout_applies(ql, x) and qmatmul.mma_layout_applies(ql, x[:1])
     assert not qmatmul.mma_layout_applies(ql, torch.randn(65, 256, device=device, dtype=torch.float16))
+    assert not qmatmul.mma_layout_applies(make_layer(40, 256, 64, True, device), x)  # groups of 64: row-major
     with qmatmul.use_kernels(True):
         y = ql(x)
         first = ql._mma_cache[1]
@@ -174,3 +175,22 @@ def test_gpu_module_refuses_to_pack_inside_a_capture():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="before capturing"), torch.cuda.graph(graph):
         ql(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096)])
+def test_gpu_module_at_m1_times_both_layouts(N, K):
+    """At M = 1 the module times the row-major GEMV against the fragment kernel once per shape, keeps the
+    faster, and is right either way (then also inside a CUDA graph)."""
+    ql = make_layer(N, K, 128, True, "cuda", scale_dtype=torch.bfloat16)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, None, bits=4)
+    eager_error = max_error(quant_matmul_eager(x, ql.qweight, ql.scales, None, bits=4), ref)
+    y = ql(x)
+    assert max_error(y, ref) <= 2 * eager_error
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = ql(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, y)
