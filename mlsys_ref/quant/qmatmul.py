@@ -45,11 +45,13 @@ kernel (``x[..., perm]``: M·K elements, negligible next to N·K weights) so the
 The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validates and launches.
 
 Marlin's offline weight reshuffle into tensor-core fragment order is :mod:`mlsys_ref.quant.qmatmul_mma`
-(``pack_int4_mma``): an int32 qweight is that layout, and its kernel serves every M; QuantizedLinear
-keeps the row-major codes (its storage format) and packs a copy on first use for 2 <= M <= 64
-(mma_layout_applies).
-In the row-major kernels below, the packed int4 tile goes through shared memory to reach the MMA's register
-layout. Left out: asynchronous global->shared pipelines written by hand, and stream-K (built and measured on the H100: slower at M = 256, where every weight tile
+(``pack_int4_mma``): an int32 qweight is that layout, and its kernel serves every M. QuantizedLinear keeps
+the row-major codes (its storage format) and packs a copy on first use: it runs 2 <= M <= 64 from it, and
+at M = 1 whichever layout a one-off timing picks (``quantized_linear``). In the row-major kernels here, the
+packed int4 tile goes through shared memory to reach the MMA's register layout.
+
+Left out: asynchronous global->shared pipelines written by hand, and stream-K (built and measured on the
+H100: slower at M = 256, where every weight tile
 re-reads all of x from the L2 and more programs on the same tiles only queue behind that ~3.2 TB/s;
 benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use the PyTorch path). The split-K GEMV's
 counters are one buffer per device: two such GEMVs running concurrently on two streams are not supported.
@@ -272,13 +274,15 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
 
 
 def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:
-    """The fragment-layout kernel (qmatmul_mma); split-K partials are summed by the second kernel."""
+    """The fragment-layout kernel (qmatmul_mma); split-K partials are summed by the last program of a tile to
+    arrive (config LAST = 1) or by the row-major GEMM's second kernel."""
     M, K = x2.shape
     N = out.shape[1]
     bias = bias.contiguous() if bias is not None else None
 
     def run(cfg: dict) -> torch.Tensor:
-        split, last = cfg["SPLIT_K"], split_last(cfg)
+        split = cfg["SPLIT_K"]
+        last = split > 1 and bool(cfg.get("LAST", 0))
         workspace = None if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
         mma_launch(x2, packed, scales, zeros, bias, group_size, cfg, out, workspace,
@@ -287,9 +291,6 @@ def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -
             _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](workspace, bias if bias is not None else out, out, M * N,
                                                                 N, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
         return out
-
-    def split_last(cfg: dict) -> bool:  # split-K partials summed in the kernel by the last arrival
-        return cfg["SPLIT_K"] > 1 and bool(cfg.get("LAST", 0))
 
     key = (m_bucket(M), N, K, group_size, zeros is not None, bias is not None, x2.dtype)
     return run(config if config is not None else pick_config("qmm_mma", key, mma_configs(M), run))
