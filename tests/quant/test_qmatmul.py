@@ -120,10 +120,13 @@ def test_non_contiguous_inputs(device, layout):
     assert_close(y, quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4), torch.float16)
 
 
-def test_backward_matches_reference(device):
-    ql = make_layer(24, 64, 4, 32, False, device, act_order=True)
-    x = torch.randn(3, 64, device=device, requires_grad=True)
-    y = quant_matmul(x, ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
+@pytest.mark.parametrize("K,group,layout", [(64, 32, "row-major"), (256, 128, "fragment")])
+def test_backward_matches_reference(device, K, group, layout):
+    """dx through the kernel's autograd (both int4 layouts, act-order) against autograd through the reference."""
+    ql = make_layer(24, K, 4, group, False, device, act_order=True)
+    x = torch.randn(3, K, device=device, requires_grad=True)
+    qweight = qmatmul.pack_int4_mma(ql.qweight) if layout == "fragment" else ql.qweight
+    y = quant_matmul(x, qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
     (grad,) = torch.autograd.grad(y.square().sum(), x)
     x_ref = x.detach().double().requires_grad_()
     y_ref = quant_matmul_reference(x_ref, ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)

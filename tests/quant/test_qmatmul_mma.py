@@ -84,19 +84,14 @@ def test_split_k_tiles(device, split, last, symmetric):
         check(x, ql, config=config, bias=ql.bias.to(x.dtype))
 
 
-def test_act_order_leading_dims_and_backward(device):
+def test_act_order_and_leading_dims(device):
+    """(The backward pass of both layouts: tests/quant/test_qmatmul.py::test_backward_matches_reference.)"""
     ql = make_layer(24, 256, 128, False, device, act_order=True)
-    x = torch.randn(2, 3, 256, device=device, requires_grad=True)
-    packed = pack_int4_mma(ql.qweight)
-    y = quant_matmul(x, packed, ql.scales, ql.zeros, bits=4, perm=ql.perm)
-    ref = quant_matmul_reference(x.detach().double(), ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
+    x = torch.randn(2, 3, 256, device=device)
+    y = quant_matmul(x, pack_int4_mma(ql.qweight), ql.scales, ql.zeros, bits=4, perm=ql.perm)
     assert y.shape == (2, 3, 24)
-    assert_close(y, ref, torch.float32)
-    (grad,) = torch.autograd.grad(y.square().sum(), x)
-    x_ref = x.detach().double().requires_grad_()
-    y_ref = quant_matmul_reference(x_ref, ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
-    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
-    assert_close(grad, grad_ref, torch.float32)
+    assert_close(y, quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm),
+                 torch.float32)
 
 
 def test_bad_inputs_raise(device):
