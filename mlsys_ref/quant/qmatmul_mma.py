@@ -224,3 +224,23 @@ def mma_launch(x2: torch.Tensor, packed: torch.Tensor, scales, zeros, bias, grou
         GROUP_UNITS=0 if group_size >= K else group_size // 128, LAST_ARRIVAL=bool(config.get("LAST", 0)),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+if __name__ == "__main__":
+    from mlsys_ref.backend import default_device
+    from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_reference
+    from mlsys_ref.testing import max_error
+
+    torch.manual_seed(0)
+    device, dtype = default_device(), torch.float16
+    N, K = 45, 300  # N odd, K not a multiple of the 128-code unit (padded with zero codes)
+    q = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).to(device)
+    packed = pack_int4_mma(q)
+    print(f"row-major uint8 {tuple(q.shape)} -> fragment order int32 {tuple(packed.shape)}; "
+          f"round trip exact: {torch.equal(unpack_int4_mma(packed, K), q)}")
+    scales = (torch.rand(N, 1, device=device) * 0.1).to(dtype)  # one group per row
+    for M in (1, 5):
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        y = quant_matmul(x, packed, scales, bits=4)
+        ref = quant_matmul_reference(x.double(), q, scales, bits=4)
+        print(f"M = {M}: max error vs dequantize-then-matmul {max_error(y, ref):.2e}")
