@@ -209,18 +209,27 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(ws_ptr + pid_k * N + offs_n, acc, mask=n_mask)  # fp32 partials [SPLIT_K, N]
-        tl.debug_barrier()  # every thread's partials are written before the release below
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last program of this tile: sum the partials in split order
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for split in tl.static_range(SPLIT_K):
-                total += tl.load(ws_ptr + split * N + offs_n, mask=n_mask, other=0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # reset: the counters are zero again for the next launch
+    else:  # fp32 partials [SPLIT_K, N]
+        _sum_splits_at_last_arrival(acc, ws_ptr, out_ptr, offs_n, n_mask, N, pid_k, cnt_ptr + pid_n, b_ptr + offs_n,
+                                    n_mask, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _sum_splits_at_last_arrival(acc, ws_ptr, out_ptr, offsets, mask, split_size, pid_k, counter, bias_ptrs, bias_mask,
+                                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Split-K in one launch: store this program's fp32 partial at ws[pid_k] (``split_size`` apart), and let the
+    last of the SPLIT_K programs that share ``counter`` to arrive sum all partials in split order
+    (deterministic), add the bias and write ``out``; it then zeroes the counter for the next launch."""
+    tl.store(ws_ptr + pid_k * split_size + offsets, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partials are written before the release below
+    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+        total = tl.zeros_like(acc)
+        for split in tl.static_range(SPLIT_K):
+            total += tl.load(ws_ptr + split * split_size + offsets, mask=mask, other=0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(bias_ptrs, mask=bias_mask, other=0).to(tl.float32)
+        tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit

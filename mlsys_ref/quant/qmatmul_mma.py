@@ -50,6 +50,7 @@ import torch
 
 from mlsys_ref.backend import is_interpreter, tl, tma_descriptor, triton
 from mlsys_ref.quant.primitives import pack_int4, unpack_int4
+from mlsys_ref.quant.qmatmul_kernels import _sum_splits_at_last_arrival
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
 __all__ = ["pack_int4_mma", "unpack_int4_mma", "UNIT"]
@@ -181,20 +182,12 @@ def _qgemm_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_pt
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
         tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # fp32 partial sums [SPLIT_K, M, N]: summed by _splitk_reduce_kernel, or here by the last arrival
-        split_size = M * stride_om
-        tl.store(ws_ptr + pid_k * split_size + tile, acc, mask=out_mask)
-        if LAST_ARRIVAL:  # the last of the tile's SPLIT_K programs sums the partials in split order: deterministic
-            tl.debug_barrier()  # every thread's partials are written before the release below
-            counter = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
-            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-                total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    total += tl.load(ws_ptr + split * split_size + tile, mask=out_mask, other=0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
-                tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(counter, 0)  # zero again for the next launch
+    elif LAST_ARRIVAL:  # fp32 partials [SPLIT_K, M, N], summed by the tile's last program to arrive
+        _sum_splits_at_last_arrival(acc, ws_ptr, out_ptr, tile, out_mask, M * stride_om, pid_k,
+                                    cnt_ptr + pid_m * tl.num_programs(1) + pid_n, b_ptr + offs_n[:, None],
+                                    n_mask[:, None], SPLIT_K, HAS_BIAS)
+    else:  # fp32 partials [SPLIT_K, M, N], summed by _splitk_reduce_kernel
+        tl.store(ws_ptr + pid_k * M * stride_om + tile, acc, mask=out_mask)
 
 
 def mma_launch(x2: torch.Tensor, packed: torch.Tensor, scales, zeros, bias, group_size: int, config: dict,
