@@ -72,7 +72,7 @@ from mlsys_ref.backend import (HAS_TRITON, check_kernel_device, default_device, 
                                tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
-from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, pack_int4_mma, unpack_int4_mma
+from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, mma_words, pack_int4_mma, unpack_int4_mma
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, mma_configs, pick_config
 
@@ -133,13 +133,13 @@ def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, in
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [N, K/2] (int4) or [N, K] (int8), got {tuple(qweight.shape)}")
     N = qweight.shape[0]
-    mma_words = 16 * -(-K // UNIT)  # int32 words per row of the fragment layout (pack_int4_mma)
-    if bits == 4 and qweight.dtype == torch.int32 and qweight.shape[1] != mma_words:
-        raise ValueError(f"int4 qweight in fragment order (pack_int4_mma) must be int32 [N, {mma_words}] for "
+    words = mma_words(K)  # per row of the fragment layout (pack_int4_mma)
+    if bits == 4 and qweight.dtype == torch.int32 and qweight.shape[1] != words:
+        raise ValueError(f"int4 qweight in fragment order (pack_int4_mma) must be int32 [N, {words}] for "
                          f"K = x.shape[-1] = {K}, got {tuple(qweight.shape)}")
     if bits == 4 and qweight.dtype != torch.int32 and (qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K):
         raise ValueError(f"int4 qweight must be uint8 [N, K/2] = [{N}, {K / 2:g}] (K = x.shape[-1] = {K}) or int32 "
-                         f"[N, {mma_words}] from pack_int4_mma, got {qweight.dtype} {tuple(qweight.shape)}")
+                         f"[N, {words}] from pack_int4_mma, got {qweight.dtype} {tuple(qweight.shape)}")
     if bits == 8 and (qweight.dtype not in (torch.int8, torch.uint8) or qweight.shape[1] != K):
         raise ValueError(f"int8 qweight must be int8/uint8 [N, K] = [{N}, {K}], got {qweight.dtype} {tuple(qweight.shape)}")
     if scales.dim() != 2 or scales.shape[0] != N or not scales.is_floating_point() or K % scales.shape[1]:
@@ -413,7 +413,8 @@ def mma_layout_applies(module, x: torch.Tensor) -> bool:
     128-code units, 16-bit x and M <= 64 (at M = 256 the row-major TMA-fed GEMM was faster on the H100,
     benchmarks/results/h100-sxm/quant_notes.md). At M = 1 the layout is timed against the row-major GEMV
     (quantized_linear), each faster on some shapes."""
-    K, M = module.in_features, x.numel() // max(module.in_features, 1)
+    K = module.in_features
+    M = x.numel() // K
     return (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
             and x.dtype in (torch.float16, torch.bfloat16) and MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1])
 

@@ -53,9 +53,19 @@ from mlsys_ref.quant.primitives import pack_int4, unpack_int4
 from mlsys_ref.quant.qmatmul_kernels import _sum_splits_at_last_arrival
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
-__all__ = ["pack_int4_mma", "unpack_int4_mma", "UNIT"]
+__all__ = ["pack_int4_mma", "unpack_int4_mma", "mma_words", "UNIT"]
 
 UNIT = 128  # codes per row per unit (one 16-byte load per lane column)
+
+
+def mma_words(K: int) -> int:
+    """int32 words per row of the fragment layout: 16 per 128-code unit, K padded to whole units."""
+    return 16 * -(-K // UNIT)
+
+
+def _slot_shifts(device: torch.device) -> torch.Tensor:
+    """[j, h] bit offset of slot (j, h) in its word: nibble j of the low (h = 0) or high (h = 1) half."""
+    return 4 * torch.arange(4, device=device)[:, None] + 16 * torch.arange(2, device=device)[None, :]
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,22 +81,20 @@ def pack_int4_mma(qweight: torch.Tensor) -> torch.Tensor:
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise ValueError(f"pack_int4_mma needs the uint8 [N, K/2] int4 storage, got {qweight.dtype} {tuple(qweight.shape)}")
     N, K = qweight.shape[0], 2 * qweight.shape[1]
-    units = -(-K // UNIT)
+    units = mma_words(K) // 16
     u = torch.nn.functional.pad(unpack_int4(qweight), (0, units * UNIT - K))
     u = u.view(N, units, UNIT)[..., _unit_order().to(u.device)].view(N, units, 4, 4, 4, 2).to(torch.int64)
-    shifts = 4 * torch.arange(4, device=u.device)[:, None] + 16 * torch.arange(2, device=u.device)[None, :]  # [j, h]
-    words = (u << shifts).sum((-1, -2))  # [N, units, t, b], each < 2^32
+    words = (u << _slot_shifts(u.device)).sum((-1, -2))  # [N, units, t, b], each < 2^32
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(N, units * 16)
 
 
 def unpack_int4_mma(packed: torch.Tensor, K: int) -> torch.Tensor:
     """Exact inverse of :func:`pack_int4_mma`: int32 [N, ceil(K/128)·16] -> uint8 [N, K/2]."""
-    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != 16 * -(-K // UNIT):
-        raise ValueError(f"unpack_int4_mma needs int32 [N, {16 * -(-K // UNIT)}] for K = {K}, got "
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != mma_words(K):
+        raise ValueError(f"unpack_int4_mma needs int32 [N, {mma_words(K)}] for K = {K}, got "
                          f"{packed.dtype} {tuple(packed.shape)}")
     N, units = packed.shape[0], packed.shape[1] // 16
-    shifts = 4 * torch.arange(4, device=packed.device)[:, None] + 16 * torch.arange(2, device=packed.device)[None, :]
-    slots = (packed.view(N, units, 4, 4, 1, 1).to(torch.int64) >> shifts) & 0xF  # [N, units, t, b, j, h]
+    slots = (packed.view(N, units, 4, 4, 1, 1).to(torch.int64) >> _slot_shifts(packed.device)) & 0xF  # [N, units, t, b, j, h]
     u = torch.empty(N, units, UNIT, dtype=torch.uint8, device=packed.device)
     u[..., _unit_order().to(packed.device)] = slots.reshape(N, units, UNIT).to(torch.uint8)
     return pack_int4(u.view(N, units * UNIT)[:, :K])

@@ -44,7 +44,7 @@ def test_pack_round_trip(N, K, seed):
     generator = torch.Generator().manual_seed(seed)
     q = pack_int4(torch.randint(0, 16, (N, K), generator=generator, dtype=torch.uint8))
     packed = pack_int4_mma(q)
-    assert packed.dtype == torch.int32 and packed.shape == (N, 16 * -(-K // UNIT))
+    assert packed.dtype == torch.int32 and packed.shape == (N, 16 * -(-K // UNIT))  # whole 128-code units
     assert torch.equal(unpack_int4_mma(packed, K), q)
 
 
