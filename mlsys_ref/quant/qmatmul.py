@@ -51,10 +51,10 @@ at M = 1 whichever layout a one-off timing picks (``quantized_linear``). In the 
 packed int4 tile goes through shared memory to reach the MMA's register layout.
 
 Left out: asynchronous global->shared pipelines written by hand, and stream-K (built and measured on the
-H100: slower at M = 16 and M = 256, where the tiled GEMM itself runs at 0.93x cuBLAS on 4096² and the
-split-K reduction is what it loses; benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use the
-PyTorch path). The split-K GEMV's
-counters are one buffer per device: two such GEMVs running concurrently on two streams are not supported.
+H100: slower at M = 16 and M = 256; at M = 256 the tiled GEMM itself runs at 0.93x cuBLAS on 4096² and
+loses the rest to the split-K reduction, benchmarks/results/h100-sxm/quant_notes.md); int3 and int2 (use
+the PyTorch path). The split-K GEMV's counters are one buffer per device: two such GEMVs running
+concurrently on two streams are not supported.
 
 The one idea to notice: at M = 1 the kernel is a memory copy of the quantized weight with a little
 arithmetic on the side; every design choice (word loads, bit-level conversion, factored scales,

@@ -1,4 +1,4 @@
-"""A tiny autotuner for the quantized-matmul kernels: time each candidate once per shape bucket.
+"""A tiny autotuner for the quantized-matmul kernels: time the candidates once per shape bucket.
 
 What ``triton.autotune`` does, spelled out in 40 lines so that the rules are visible (and identical on
 every Triton version): a kernel has a short list of candidate configs; the first call with a new key
