@@ -121,6 +121,14 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buffer
 
 
+def _reduce_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] = Σ_s partials[s] (+ bias, contiguous), fp32 partials [SPLIT_K, M, N], summed in split order."""
+    MN = out.numel()
+    _splitk_reduce_kernel[(triton.cdiv(MN, 1024),)](partials, bias if bias is not None else out, out, MN,
+                                                     out.shape[1], SPLIT_K=partials.shape[0], HAS_BIAS=bias is not None,
+                                                     BLOCK=1024)
+
+
 def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, int]:
     """Check the storage format; return (N, K, group_size)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -258,8 +266,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **common)
         if cfg["SPLIT_K"] > 1:  # second pass: sum the fp32 partials in a fixed order, add bias, cast
-            _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](target, b, out, M * N, N, SPLIT_K=cfg["SPLIT_K"],
-                                                                HAS_BIAS=bias is not None, BLOCK=1024)
+            _reduce_splits(target, None if bias is None else b, out)
         return out
 
     def run(cfg: dict) -> torch.Tensor:  # a config naming BLOCK_M is a tensor-core (GEMM) config, even at M = 1
@@ -288,8 +295,7 @@ def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -
         mma_launch(x2, packed, scales, zeros, bias, group_size, cfg, out, workspace,
                    _counters(out.device, tiles) if last else None)
         if split > 1 and not last:
-            _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](workspace, bias if bias is not None else out, out, M * N,
-                                                                N, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+            _reduce_splits(workspace, bias, out)
         return out
 
     key = (m_bucket(M), N, K, group_size, zeros is not None, bias is not None, x2.dtype)
