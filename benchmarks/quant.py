@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from mlsys_ref.quant import qmatmul  # noqa: E402
+from mlsys_ref.quant import qmatmul_dispatch  # noqa: E402
 from mlsys_ref.quant.linear import QuantizedLinear  # noqa: E402
 from mlsys_ref.quant.qmatmul import pack_int4_mma, quant_matmul, quant_matmul_eager, quant_matmul_reference  # noqa: E402
 from mlsys_ref.quant.qmatmul_tune import tuned_configs  # noqa: E402
@@ -221,7 +221,7 @@ def decode_rows(layers: int, **sizes) -> list[dict]:
         total_bytes = linear_bytes + nbytes(model.embed.weight)
         logits = model(token)
         if kind != "bf16":  # the kernels against the PyTorch path, on the whole model
-            with qmatmul.use_kernels(False):
+            with qmatmul_dispatch.use_kernels(False):
                 expected = model(token)
             similarity = F.cosine_similarity(logits.float(), expected.float()).item()
             print(f"  {kind}: logits cosine similarity kernels vs PyTorch path {similarity:.5f}")
@@ -241,7 +241,7 @@ def decode_rows(layers: int, **sizes) -> list[dict]:
 
 BASELINE = {"W8A8 + quant fused in RMSNorm": "bf16 RMSNorm + cuBLAS"}  # a row's bf16 counterpart (default: bf16 cuBLAS)
 # (kernels, M, floor, target) on the speed-up over bf16. W4A16 is judged on the path QuantizedLinear takes
-# (qmatmul.quantized_linear): the faster layout at M = 1 (it times both), the fragment layout for 2 <= M <= 64,
+# (qmatmul_dispatch.quantized_linear): the faster layout at M = 1 (it times both), the fragment layout for 2 <= M <= 64,
 # row-major above; the md table has both layouts at every M.
 W4_M1 = ("W4A16 g128", "W4A16 g128 fragment")
 TARGETS = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlsys_ref.quant import qmatmul
+from mlsys_ref.quant import qmatmul, qmatmul_dispatch
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
 from mlsys_ref.testing import assert_close, max_error
@@ -162,25 +162,25 @@ def test_quantized_linear_dispatch(device):
     """QuantizedLinear uses the kernel automatically; use_kernels(False) forces the PyTorch path."""
     ql = make_layer(33, 96, 4, 32, False, device, act_order=True, bias=True)
     x = torch.randn(3, 96, device=device)
-    assert qmatmul.kernel_applies(ql, x)
-    with qmatmul.use_kernels(False):
-        assert not qmatmul.kernel_applies(ql, x)
+    assert qmatmul_dispatch.kernel_applies(ql, x)
+    with qmatmul_dispatch.use_kernels(False):
+        assert not qmatmul_dispatch.kernel_applies(ql, x)
         y_torch = ql(x)
     calls = []
-    original = qmatmul.quant_matmul
-    qmatmul.quant_matmul = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = qmatmul_dispatch.quant_matmul
+    qmatmul_dispatch.quant_matmul = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         y_kernel = ql(x)
     finally:
-        qmatmul.quant_matmul = original
+        qmatmul_dispatch.quant_matmul = original
     assert calls, "QuantizedLinear.forward did not reach the kernel"
     assert_close(y_kernel, y_torch, torch.float32)
     if device.type == "cpu":  # the interpreter takes toy layers only; a SmolLM2-sized one keeps PyTorch
         big = make_layer(576, 576, 4, 32, True, device)
-        assert not qmatmul.kernel_applies(big, torch.randn(1, 576))
+        assert not qmatmul_dispatch.kernel_applies(big, torch.randn(1, 576))
     int3 = make_layer(8, 64, 3, 32, True, device)
-    assert not qmatmul.kernel_applies(int3, torch.randn(1, 64, device=device))  # no int3 kernel: PyTorch path
-    with qmatmul.use_kernels(True), pytest.raises(ValueError, match="bits must be 4 or 8"):
+    assert not qmatmul_dispatch.kernel_applies(int3, torch.randn(1, 64, device=device))  # no int3 kernel: PyTorch path
+    with qmatmul_dispatch.use_kernels(True), pytest.raises(ValueError, match="bits must be 4 or 8"):
         int3(torch.randn(1, 64, device=device))
 
 
@@ -260,8 +260,8 @@ def test_gpu_quantized_linear_bf16_act_order():
     """The module on the GPU goes through the kernel, with act-order, in bf16."""
     ql = make_layer(4096, 4096, 4, 128, False, "cuda", act_order=True)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    assert qmatmul.kernel_applies(ql, x)
-    with qmatmul.use_kernels(False):
+    assert qmatmul_dispatch.kernel_applies(ql, x)
+    with qmatmul_dispatch.use_kernels(False):
         eager = ql(x)
     y = ql(x)
     ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from mlsys_ref.quant import qmatmul
+from mlsys_ref.quant import qmatmul, qmatmul_dispatch
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.primitives import pack_int4
 from mlsys_ref.quant.qmatmul import pack_int4_mma, quant_matmul, quant_matmul_eager, quant_matmul_reference
@@ -117,10 +117,10 @@ def test_quantized_linear_packs_once_and_again_after_a_change(device):
     stays row-major); changing qweight in place re-packs."""
     ql = make_layer(40, 256, 128, True, device, scale_dtype=torch.float16)
     x = torch.randn(3, 256, device=device, dtype=torch.float16)
-    assert qmatmul.mma_layout_applies(ql, x) and qmatmul.mma_layout_applies(ql, x[:1])
-    assert not qmatmul.mma_layout_applies(ql, torch.randn(65, 256, device=device, dtype=torch.float16))
-    assert not qmatmul.mma_layout_applies(make_layer(40, 256, 64, True, device), x)  # groups of 64: row-major
-    with qmatmul.use_kernels(True):
+    assert qmatmul_dispatch.mma_layout_applies(ql, x) and qmatmul_dispatch.mma_layout_applies(ql, x[:1])
+    assert not qmatmul_dispatch.mma_layout_applies(ql, torch.randn(65, 256, device=device, dtype=torch.float16))
+    assert not qmatmul_dispatch.mma_layout_applies(make_layer(40, 256, 64, True, device), x)  # groups of 64: row-major
+    with qmatmul_dispatch.use_kernels(True):
         y = ql(x)
         first = ql._mma_cache[1]
         assert_close(y, quant_matmul_reference(x.double(), ql.qweight, ql.scales, None, bits=4), torch.float16)

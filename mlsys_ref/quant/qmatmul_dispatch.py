@@ -1,0 +1,114 @@
+"""Which path QuantizedLinear takes: the Triton kernels or PyTorch, and which int4 layout.
+
+Issue 7's second requirement: the quantized modules use the kernels of :mod:`mlsys_ref.quant.qmatmul`
+automatically, on the GPU and (for toy layers) under the Triton interpreter, with a switch to force the
+PyTorch path -- ``with use_kernels(False):`` -- or the kernels -- ``use_kernels(True)``, which then validate
+and raise on a format they do not cover instead of falling back.
+
+The one idea to notice: the layout is a measured choice, not a rule. int4 codes in tensor-core fragment
+order (Marlin, Frantar et al. 2024, §3; :mod:`mlsys_ref.quant.qmatmul_mma`) win for 2 <= M <= 64 on the
+H100, the row-major TMA-fed GEMM at M = 256, and at M = 1 each wins on some shapes, so the two tuned
+kernels are timed once per shape and the faster is kept (``quantized_linear``). The module keeps the
+row-major codes (its storage format and state dict) and packs a cached fragment-order copy on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mlsys_ref.backend import HAS_TRITON, default_device, is_interpreter, triton
+from mlsys_ref.quant.qmatmul import quant_matmul
+from mlsys_ref.quant.qmatmul_mma import UNIT, pack_int4_mma
+from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, pick_config
+
+__all__ = ["use_kernels", "kernel_applies", "mma_layout_applies", "quantized_linear"]
+
+_MODE = "auto"  # "auto" | "triton" | "torch": set by use_kernels
+# Under the interpreter every program step is Python on numpy tiles (milliseconds each; a 576x576
+# GEMV takes seconds), so "auto" takes the kernel there only for toy layers -- at most this many tile
+# steps, e.g. 256x96 -- which is what tests and the tour exercise; CPU models keep the PyTorch path.
+INTERPRETER_MAX_STEPS = 8
+
+
+def _interpreter_steps(M: int, N: int, K: int) -> int:
+    """Program steps (tiles x K chunks) of the interpreter's one config for an [M, K] x [K, N] product."""
+    if M == 1:
+        c = gemv_configs(4)[0]
+        return triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(K, c["BLOCK_K"])
+    c = gemm_configs(M)[0]
+    return triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(K, c["BLOCK_K"])
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool | None = True):
+    """``with use_kernels(False):`` forces the PyTorch path; True forces the kernels; None is "auto"."""
+    global _MODE
+    if enabled not in (True, False, None):
+        raise ValueError(f"use_kernels takes True, False or None, got {enabled!r}")
+    previous, _MODE = _MODE, {True: "triton", False: "torch", None: "auto"}[enabled]
+    try:
+        yield
+    finally:
+        _MODE = previous
+
+
+def kernel_applies(module, x: torch.Tensor) -> bool:
+    """Whether QuantizedLinear._matmul should call :func:`quant_matmul` (forced: always; it validates)."""
+    if _MODE != "auto":
+        return _MODE == "triton"
+    K = module.in_features
+    group_ok = module.group_size == K or module.group_size % (32 if module.bits == 4 else 16) == 0
+    if not (HAS_TRITON and module.bits in (4, 8) and group_ok and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False  # a format the kernels do not cover: the PyTorch path computes the same thing
+    if x.device.type != default_device().type or module.qweight.device != x.device:
+        return False
+    return not is_interpreter() or _interpreter_steps(x.numel() // K, module.out_features, K) <= INTERPRETER_MAX_STEPS
+
+
+MMA_LAYOUT_M = (1, 64)  # the token counts QuantizedLinear may run in fragment order (H100 measurements)
+
+
+def mma_layout_applies(module, x: torch.Tensor) -> bool:
+    """Whether the module's int4 weight may run in fragment order (pack_int4_mma): int4 with groups of whole
+    128-code units, 16-bit x and M <= 64 (at M = 256 the row-major TMA-fed GEMM was faster on the H100,
+    benchmarks/results/h100-sxm/quant_notes.md). At M = 1 the layout is timed against the row-major GEMV
+    (quantized_linear), each faster on some shapes."""
+    K = module.in_features
+    M = x.numel() // K
+    return (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
+            and x.dtype in (torch.float16, torch.bfloat16) and MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1])
+
+
+def mma_qweight(module) -> torch.Tensor:
+    """The module's int4 codes in fragment order, packed on first use and cached on the module (a second copy
+    of the codes: 0.5 byte a weight); re-packed when qweight changes (in place, or moved to another device)."""
+    qweight = module.qweight
+    cached = getattr(module, "_mma_cache", None)
+    stamp = (qweight.data_ptr(), qweight._version, qweight.device)
+    if cached is None or cached[0] != stamp:
+        if qweight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("QuantizedLinear: run the layer once before capturing a CUDA graph (its int4 weight "
+                               "is packed into fragment order on first use)")
+        cached = module._mma_cache = (stamp, pack_int4_mma(qweight))
+    return cached[1]
+
+
+def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """The kernel path of QuantizedLinear.forward: int4 in fragment order where it applies; at M = 1 the two
+    layouts' tuned kernels are timed once per shape (the fragment kernel wins at 11008x4096 on the H100, the
+    row-major GEMV at 4096x4096) and the faster is kept."""
+    bias = None if module.bias is None else module.bias.to(x.dtype)
+
+    def run(layout: dict) -> torch.Tensor:
+        qweight = mma_qweight(module) if layout["LAYOUT"] == "fragment" else module.qweight
+        return quant_matmul(x, qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
+
+    if not mma_layout_applies(module, x):
+        return run(dict(LAYOUT="row-major"))
+    if x.numel() // module.in_features > 1:
+        return run(dict(LAYOUT="fragment"))
+    key = (module.out_features, module.in_features, module.group_size, module.zeros is not None,
+           module.bias is not None, x.dtype)
+    return run(pick_config("qlinear_layout", key, [dict(LAYOUT="row-major"), dict(LAYOUT="fragment")], run))
