@@ -88,10 +88,12 @@ def gemv_configs(bits: int = 4) -> list[dict]:
         return [dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1)]
     # H100 sweep (triton 3.6): 1-2 warps and 8-16 splits win; the register double buffer and the pipeline tie;
     # 256-code steps with 2-4 warps at N = 11008 (16.0 µs against 17.1 for the others' best); int8, 16 rows a warp
-    # at 4096² and 4096 x 11008 (11.1 and 22.8 µs against 11.3 and 23.5)
+    # at 4096² and 4096 x 11008 (11.1 and 22.8 µs against 11.3 and 23.5); seventh session: int8 16 rows x 256
+    # codes on 2 warps, split-K 4 (10.9 / 23.2 / 22.0 µs on the three shapes, 2-3% under the others' best),
+    # int4 16 rows x 256 codes on 1 warp, split-K 4, 2 stages at 11008 x 4096 (15.4 against 16.1 µs)
     table = [(64, 128, 8, 2, 1), (64, 128, 16, 2, 1), (32, 256, 8, 1, 3), (64, 128, 8, 2, 3), (32, 128, 8, 1, 3),
              (32, 256, 16, 1, 3), (64, 128, 16, 2, 3), (128, 128, 16, 4, 1), (128, 256, 8, 4, 1), (64, 256, 8, 2, 1),
-             (16, 256, 8, 1, 3)]
+             (16, 256, 8, 1, 3), (16, 512, 4, 2, 3), (16, 256, 4, 1, 2)]
     return [dict(BLOCK_N=n, BLOCK_K=k // (bits // 4), SPLIT_K=s, num_warps=w, num_stages=st) for n, k, s, w, st in table]
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from mlsys_ref.quant import qmatmul, qmatmul_dispatch
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
+from mlsys_ref.quant.qmatmul_tune import gemv_configs as gemv_configs_tuned  # unpinned by the fixture below
 from mlsys_ref.testing import assert_close, max_error
 
 
@@ -191,6 +192,19 @@ def test_quantized_linear_dispatch(device):
 def test_gpu_bf16_large(bits, group, symmetric, M, N, K):
     ql = make_layer(N, K, bits, group, symmetric, "cuda", scale_dtype=torch.bfloat16)
     check(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), ql)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group,symmetric,N,K", [
+    (4, 128, True, 4096, 4096), (4, 128, False, 1001, 11008), (4, None, True, 777, 1104),
+    (8, None, True, 4096, 4096), (8, None, False, 1001, 1100)])
+def test_gpu_every_gemv_config(bits, group, symmetric, N, K):
+    """Every tuned M = 1 config (the tuner keeps whichever is fastest, so each must be right): odd N, K not a
+    multiple of the step, split-K with a ragged last split, zero points."""
+    ql = make_layer(N, K, bits, group, symmetric, "cuda", scale_dtype=torch.bfloat16)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    for config in gemv_configs_tuned(bits):
+        check(x, ql, config=config)
 
 
 @pytest.mark.gpu
