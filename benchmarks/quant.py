@@ -7,8 +7,9 @@
    codes + scales -- per second), its percent of the device-to-device copy bandwidth measured in this
    run, and the speed-up over ``torch.nn.functional.linear`` in bf16 (cuBLAS), measured in the same run.
    W4A16 runs from two storage orders of the same codes: row-major ("W4A16 g128", as QuantizedLinear stores
-   them: the FMA GEMV at M = 1, the row-major GEMM above) and tensor-core fragment order ("W4A16 g128
-   fragment", ``pack_int4_mma``: what QuantizedLinear runs for 2 <= M <= 64).
+   them: at M = 1 the tuner's pick of the FMA GEMV and the tensor-core GEMV of ``qmatmul_gemv_tc``, the
+   row-major GEMM above) and tensor-core fragment order ("W4A16 g128 fragment", ``pack_int4_mma``: what
+   QuantizedLinear runs for 2 <= M <= 64).
    Each kernel's output is checked against dequantize-then-matmul before it is timed.
    Timing: one CUDA graph replays the op over enough *copies* of the weight to overflow the 50 MB L2
    (a 8 MB int4 weight would otherwise be read from L2), so launch overhead and L2 hits hide nothing.
@@ -241,8 +242,9 @@ def decode_rows(layers: int, **sizes) -> list[dict]:
 
 BASELINE = {"W8A8 + quant fused in RMSNorm": "bf16 RMSNorm + cuBLAS"}  # a row's bf16 counterpart (default: bf16 cuBLAS)
 # (kernels, M, floor, target) on the speed-up over bf16. W4A16 is judged on the path QuantizedLinear takes
-# (qmatmul_dispatch.quantized_linear): the faster layout at M = 1 (it times both), the fragment layout for 2 <= M <= 64,
-# row-major above; the md table has both layouts at every M.
+# (qmatmul_dispatch.quantized_linear): at M = 1 the row-major codes where the tensor-core GEMV applies (else the
+# faster layout, timed; judging the faster of the two covers both), the fragment layout for 2 <= M <= 64, row-major
+# above; the md table has both layouts at every M.
 W4_M1 = ("W4A16 g128", "W4A16 g128 fragment")
 TARGETS = [
     (W4_M1, 1, 2.5, 3.5), (("W8A16",), 1, 1.6, 1.9), (("W4A16 g128 fragment",), 16, 2.0, 3.0),

@@ -9,6 +9,9 @@ Rules:
 - Otherwise: a CUDA device present -> compiled kernels; none -> interpreter (``=1``).
 - No Triton installed (macOS, say): the PyTorch layers still work, and every Triton
   entry point raises :class:`TritonUnavailableError` saying what is missing.
+- Gluon (``triton.experimental.gluon``, Triton's explicit-layout dialect) compiles for the GPU only: the
+  interpreter cannot run it, so ``HAS_GLUON`` is False there, and a Gluon kernel is only ever an extra,
+  GPU-side candidate next to a Triton kernel that does the same job everywhere.
 
 Nothing else in the package touches ``TRITON_INTERPRET``.
 """
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "HAS_GLUON",
     "HAS_TRITON",
     "TritonUnavailableError",
     "default_device",
@@ -33,6 +37,8 @@ __all__ = [
     "tma_descriptor",
     "triton",
     "tl",
+    "gluon",
+    "gl",
 ]
 
 
@@ -100,6 +106,28 @@ if not HAS_TRITON:
 
     triton = _Anything()  # type: ignore[assignment]
     tl = _Anything()  # type: ignore[assignment]
+
+
+HAS_GLUON = False
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    try:  # the names a Gluon kernel here uses, in triton 3.6 as in 3.9
+        from triton.experimental import gluon  # noqa: E402
+        from triton.experimental.gluon import language as gl  # noqa: E402
+        from triton.experimental.gluon.language.nvidia.ampere import mma_v2 as _mma_v2  # noqa: E402, F401
+        HAS_GLUON = True
+    except Exception:
+        pass
+if not HAS_GLUON:  # kernel modules still import; their launchers check HAS_GLUON first
+    class _NoGluon:
+        def __getattr__(self, name: str) -> Any:
+            return self
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if len(args) == 1 and callable(args[0]) and not kwargs:
+                return args[0]  # @gluon.jit: the plain function, never launched
+            return self
+
+    gluon = gl = _NoGluon()  # type: ignore[assignment]
 
 
 def require_triton(what: str = "this kernel") -> None:

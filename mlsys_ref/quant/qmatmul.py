@@ -11,7 +11,7 @@ y[m, n] = Σ_k x[m, perm[k]] · (q[n, k] - z[n, g(k)]) · s[n, g(k)],  g(k) = k 
 with the storage format of :mod:`mlsys_ref.quant.linear` (int4: uint8 [N, K/2], low nibble = even k;
 zero points may be fractional, as in llama.cpp's Q4_1 grid).
 
-Two kernels:
+Three kernels:
 - ``_qgemv_kernel`` (M = 1, decode, on the FMA units): the packed weight is read as int32 words (8 int4
   or 4 int8 codes), [BLOCK_N, BLOCK_G, BLOCK_WG] words per step. Each code becomes the float
   f = 2^p + u by bit operations alone (a shift per byte, then one LOP3 per code, (a & MASK) | 2^p, by
@@ -21,6 +21,9 @@ Two kernels:
   so scales, zeros and Σ x cost once per group. Loads are prefetched (a register double buffer, or
   Triton's cp.async pipeline). Split-K partials are summed by the *last* program of each tile (an
   arrival counter, fixed order: deterministic) -- one launch, no reduction kernel.
+- the tensor-core GEMV of :mod:`mlsys_ref.quant.qmatmul_gemv_tc` (M = 1, int4, GPU only, in Gluon): the same
+  row-major words on ``mma.sync``, about one instruction of bit work per weight, in a k order chosen so that
+  every lane's operands are contiguous. The M = 1 tuner times it against the FMA GEMV; on the H100 it wins.
 - ``_qgemm_kernel`` (M >= 2, and M = 1 when its tuner says so): the weight tile is dequantized in
   registers and fed to ``tl.dot`` as the *left* operand (yᵀ = W xᵀ, so the large N fills the tensor
   core's M slot and M = 16 wastes nothing); for 2 <= M <= 16 it runs as a skinny GEMV-like kernel (one
@@ -70,6 +73,7 @@ import torch
 from mlsys_ref.backend import (check_kernel_device, default_device, is_interpreter, require_triton, tl,
                                tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
+from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv, tc_gemv_applies, tc_gemv_configs
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
 from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, mma_words, pack_int4_mma, unpack_int4_mma
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
@@ -267,14 +271,23 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
             _reduce_splits(target, None if bias is None else b, out)
         return out
 
+    # M = 1 on the tensor cores from the same row-major words (Gluon, GPU only): one more candidate family
+    tc = gemv and tc_gemv_applies(bits, K, group_size, x_dtype)
+
     def run(cfg: dict) -> torch.Tensor:  # a config naming BLOCK_M is a tensor-core (GEMM) config, even at M = 1
+        if "SPW" in cfg:
+            if not tc:
+                raise ValueError(f"config {cfg} is the tensor-core GEMV (qmatmul_gemv_tc), which does not cover "
+                                 f"this product (int4, 16-bit x, M = 1, K % 32 == 0, groups of whole 128-code units)")
+            tc_gemv(xv, w32, scales, zeros, b if bias is not None else None, out[0], K, group_size, cfg)
+            return out
         return run_gemm(cfg) if "BLOCK_M" in cfg or not gemv else run_gemv(cfg)
 
     if config is not None:
         candidates = [config]
-    else:  # M = 1: the FMA GEMV and the 16-row tensor-core kernel compete
+    else:  # M = 1: the FMA GEMV, the tensor-core GEMV and the 16-row tensor-core kernel compete
         candidates = _unique(_fit_block_k(c, group_size, K, min_block) for c in gemm_configs(M))
-        candidates = (gemv_configs(bits) + candidates[:2]) if gemv else candidates
+        candidates = (gemv_configs(bits) + (tc_gemv_configs() if tc else []) + candidates[:2]) if gemv else candidates
     return run(pick_config("qmm", key, candidates, run))
 
 

@@ -7,9 +7,11 @@ and raise on a format they do not cover instead of falling back.
 
 The one idea to notice: the layout is a measured choice, not a rule. int4 codes in tensor-core fragment
 order (Marlin, Frantar et al. 2024, §3; :mod:`mlsys_ref.quant.qmatmul_mma`) win for 2 <= M <= 64 on the
-H100, the row-major TMA-fed GEMM at M = 256, and at M = 1 each wins on some shapes, so the two tuned
-kernels are timed once per shape and the faster is kept (``quantized_linear``). The module keeps the
-row-major codes (its storage format and state dict) and packs a cached fragment-order copy on first use.
+H100, the row-major TMA-fed GEMM at M = 256, and at M = 1 the tensor-core GEMV on the row-major codes
+(:mod:`mlsys_ref.quant.qmatmul_gemv_tc`, GPU only); where that one does not apply, the two layouts' tuned
+M = 1 kernels are timed once per shape and the faster is kept (``quantized_linear``). The module keeps the
+row-major codes (its storage format and state dict) and packs a cached fragment-order copy on first use
+of 2 <= M <= 64, so a decode-only model on the GPU never holds the second copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, default_device, is_interpreter, triton
 from mlsys_ref.quant.qmatmul import quant_matmul
+from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies
 from mlsys_ref.quant.qmatmul_mma import UNIT, pack_int4_mma
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, pick_config
 
@@ -73,8 +76,7 @@ MMA_LAYOUT_M = (1, 64)  # the token counts QuantizedLinear may run in fragment o
 def mma_layout_applies(module, x: torch.Tensor) -> bool:
     """Whether the module's int4 weight may run in fragment order (pack_int4_mma): int4 with groups of whole
     128-code units, 16-bit x and M <= 64 (at M = 256 the row-major TMA-fed GEMM was faster on the H100,
-    benchmarks/results/h100-sxm/quant_notes.md). At M = 1 the layout is timed against the row-major GEMV
-    (quantized_linear), each faster on some shapes."""
+    benchmarks/results/h100-sxm/quant_notes.md). At M = 1 quantized_linear decides (see there)."""
     K = module.in_features
     M = x.numel() // K
     return (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
@@ -96,9 +98,10 @@ def mma_qweight(module) -> torch.Tensor:
 
 
 def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """The kernel path of QuantizedLinear.forward: int4 in fragment order where it applies; at M = 1 the two
-    layouts' tuned kernels are timed once per shape (the fragment kernel wins at 11008x4096 on the H100, the
-    row-major GEMV at 4096x4096) and the faster is kept."""
+    """The kernel path of QuantizedLinear.forward: int4 in fragment order where it applies. At M = 1 the row-major
+    codes, wherever the tensor-core GEMV (qmatmul_gemv_tc) covers the product: on the H100 it beat the fragment
+    kernel on every shape measured, and it needs no second copy of the codes. Elsewhere at M = 1 (no Gluon, or
+    K % 32 != 0) the two layouts' tuned kernels are timed once per shape and the faster is kept."""
     bias = None if module.bias is None else module.bias.to(x.dtype)
 
     def run(layout: dict) -> torch.Tensor:
@@ -109,6 +112,8 @@ def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
         return run(dict(LAYOUT="row-major"))
     if x.numel() // module.in_features > 1:
         return run(dict(LAYOUT="fragment"))
+    if tc_gemv_applies(module.bits, module.in_features, module.group_size, x.dtype):
+        return run(dict(LAYOUT="row-major"))
     key = (module.out_features, module.in_features, module.group_size, module.zeros is not None,
            module.bias is not None, x.dtype)
     return run(pick_config("qlinear_layout", key, [dict(LAYOUT="row-major"), dict(LAYOUT="fragment")], run))

@@ -27,12 +27,14 @@ the last program of a tile to arrive (LAST: an arrival counter and a fixed order
 row-major GEMM's second kernel.
 
 Measured on an H100 (benchmarks/results/h100-sxm/quant_notes.md): 2.1-2.6x bf16 at M = 16 and 1.5-2.0x at
-M = 64, where the row-major kernels reach 1.9-2.4x and 1.1-1.3x. At M = 1 it beats the row-major FMA GEMV on
-11008-wide shapes (2.63 against 2.48x) and loses by 2% at 4096x4096, although it issues half the instructions
+M = 64, where the row-major kernels reach 1.9-2.4x and 1.1-1.3x. At M = 1 it beat the row-major FMA GEMV on
+11008-wide shapes (2.63 against 2.48x) and lost by 2% at 4096x4096, although it issues half the instructions
 per weight in its loop: a program owns only a few steps, and its fixed cost (pipeline fill, barriers, the
-split-K epilogue) dominates. At M = 256 the per-unit scaling of a wide product costs more than it saves
-(0.7-1.0x against the row-major GEMM's 0.8-1.05x). QuantizedLinear therefore runs 2 <= M <= 64 from this
-layout, M = 1 from whichever layout its one-off timing picks, and larger M row-major.
+split-K epilogue) dominates; the tensor-core GEMV of :mod:`mlsys_ref.quant.qmatmul_gemv_tc` (Gluon, row-major
+codes in a permuted k order, split-K met in shared memory) beats both (2.7-3.1x). At M = 256 the per-unit
+scaling of a wide product costs more than it saves (0.7-1.0x against the row-major GEMM's 0.8-1.05x).
+QuantizedLinear therefore runs 2 <= M <= 64 from this layout, M = 1 from the row-major codes where the
+tensor-core GEMV applies (else from whichever layout its one-off timing picks), and larger M row-major.
 
 One idea to notice: the speed comes from where the bytes are stored, not from the arithmetic. The row-major
 kernels spend 3.3-4.5 instructions per weight; this one 1.4 for the codes (3 with its loop overhead) plus the

@@ -7,6 +7,7 @@ from torch import nn
 from mlsys_ref.quant import qmatmul, qmatmul_dispatch
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
+from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies, tc_gemv_configs
 from mlsys_ref.quant.qmatmul_tune import gemv_configs as gemv_configs_tuned  # unpinned by the fixture below
 from mlsys_ref.testing import assert_close, max_error
 
@@ -207,6 +208,34 @@ def test_gpu_every_gemv_config(bits, group, symmetric, N, K):
         check(x, ql, config=config)
 
 
+def test_tensor_core_gemv_scope(device):
+    """The Gluon GEMV (qmatmul_gemv_tc) is a GPU-only candidate for int4, 16-bit x, K % 32 == 0 and groups of whole
+    128-code units; asked for where it does not apply, quant_matmul says so instead of running something else."""
+    on_gpu = device.type == "cuda"
+    assert tc_gemv_applies(4, 4096, 128, torch.bfloat16) == on_gpu
+    assert not tc_gemv_applies(8, 4096, 4096, torch.bfloat16)  # int8: the FMA GEMV
+    assert not tc_gemv_applies(4, 4096, 128, torch.float32)
+    assert not tc_gemv_applies(4, 4112, 4112, torch.float16)  # K % 32 != 0
+    assert not tc_gemv_applies(4, 4096, 64, torch.float16)  # groups split a unit
+    ql = make_layer(45, 192, 4, 64, True, device)
+    with pytest.raises(ValueError, match="tensor-core GEMV"):
+        check(torch.randn(1, 192, device=device, dtype=torch.float16), ql, config=dict(W=4, SPW=1, UNITS=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K,group,symmetric,dtype,bias", [
+    (4096, 4096, 128, True, torch.bfloat16, False), (777, 1120, None, True, torch.bfloat16, True),
+    (1001, 1152, 128, False, torch.float16, False), (300, 2048, 256, True, torch.float16, True),
+    (96, 11008, 128, False, torch.bfloat16, True)])
+def test_gpu_every_tensor_core_gemv_config(N, K, group, symmetric, dtype, bias):
+    """Every tuned config of the Gluon GEMV: odd N (a ragged last program), K not a multiple of 128 (a ragged last
+    unit) or of the warps' share, per-row and grouped scales, zero points, bias, bf16 and fp16."""
+    ql = make_layer(N, K, 4, group, symmetric, "cuda", scale_dtype=dtype, bias=bias)
+    x = torch.randn(1, K, device="cuda", dtype=dtype)
+    for config in tc_gemv_configs():
+        check(x, ql, config=config, bias=ql.bias.to(dtype) if bias else None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fold,asm,il", [(1, 1, 0), (0, 1, 0), (0, 1, 1), (1, 1, 1), (1, 0, 0)])
@@ -240,6 +269,7 @@ def test_gpu_tma_x_tiles(M, N, K, group, tile, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,config", [
     (1, dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=1)),  # GEMV
+    (1, dict(W=16, SPW=1, UNITS=2)),  # the tensor-core GEMV: its split of K meets in shared memory
     (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=3, FOLD=1, ASM=1)),  # skinny
     (256, dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3, FOLD=0, ASM=1, IL=1, TMA=1)),
 ])

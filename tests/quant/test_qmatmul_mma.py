@@ -10,6 +10,7 @@ from mlsys_ref.quant import qmatmul, qmatmul_dispatch
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.primitives import pack_int4
 from mlsys_ref.quant.qmatmul import pack_int4_mma, quant_matmul, quant_matmul_eager, quant_matmul_reference
+from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies
 from mlsys_ref.quant.qmatmul_mma import UNIT, unpack_int4_mma
 from mlsys_ref.testing import assert_close, max_error
 
@@ -113,8 +114,8 @@ def test_bad_inputs_raise(device):
 
 
 def test_quantized_linear_packs_once_and_again_after_a_change(device):
-    """The module runs 2 <= M <= 64 in fragment order, packed on first use and cached (M = 1 may, by timing; M = 65
-    stays row-major); changing qweight in place re-packs."""
+    """The module runs 2 <= M <= 64 in fragment order, packed on first use and cached (M = 65 stays row-major;
+    M = 1: test_gpu_module_at_m1); changing qweight in place re-packs."""
     ql = make_layer(40, 256, 128, True, device, scale_dtype=torch.float16)
     x = torch.randn(3, 256, device=device, dtype=torch.float16)
     assert qmatmul_dispatch.mma_layout_applies(ql, x) and qmatmul_dispatch.mma_layout_applies(ql, x[:1])
@@ -173,15 +174,17 @@ def test_gpu_module_refuses_to_pack_inside_a_capture():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096)])
-def test_gpu_module_at_m1_times_both_layouts(N, K):
-    """At M = 1 the module times the row-major GEMV against the fragment kernel once per shape, keeps the
-    faster, and is right either way (then also inside a CUDA graph)."""
-    ql = make_layer(N, K, 128, True, "cuda", scale_dtype=torch.bfloat16)
+@pytest.mark.parametrize("N,K,group", [(4096, 4096, 128), (11008, 4096, 128), (1000, 4112, None)])
+def test_gpu_module_at_m1(N, K, group):
+    """At M = 1 the module runs the row-major codes where the tensor-core GEMV applies, without packing a fragment
+    copy; elsewhere (K % 32 != 0 here) it times the two layouts once per shape and keeps the faster. Right
+    either way, then also inside a CUDA graph."""
+    ql = make_layer(N, K, group, True, "cuda", scale_dtype=torch.bfloat16)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, None, bits=4)
     eager_error = max_error(quant_matmul_eager(x, ql.qweight, ql.scales, None, bits=4), ref)
     y = ql(x)
+    assert hasattr(ql, "_mma_cache") == (not tc_gemv_applies(4, K, ql.group_size, x.dtype))
     assert max_error(y, ref) <= 2 * eager_error
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

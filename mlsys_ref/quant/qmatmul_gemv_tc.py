@@ -1,0 +1,166 @@
+"""W4A16 at M = 1 on the tensor cores, read straight from the row-major int4 codes (Gluon, GPU only).
+
+Paper: Marlin (Frantar, Castro, Chen, Hoefler, Alistarh 2024, arXiv:2408.11743), §3: at batch 1 the product is a
+stream of the weights, and the work per weight has to be small enough that the SMs keep up with HBM. Here each
+weight costs about one instruction of bit work plus a share of an ``mma.sync.m16n8k16`` (x is the MMA's right
+operand, an [128, 8] tile whose column 0 is live), against ~4.5 for the FMA GEMV of :mod:`qmatmul`.
+
+The one idea to notice: Σ_k W[n, k]·x[k] does not care in which order its terms are added, so inside each
+128-code unit the kernel *chooses* which k an MMA slot stands for, as long as W and x agree. It picks the order
+that makes every lane's operands contiguous in memory: lane column t of the fragment takes the codes
+32t .. 32t + 31 of each of its rows (four row-major int32 words: one 16-byte load) and x[32t .. 32t + 31] (four
+16-byte loads), and the register of slot pair (b, j) holds codes 8b + j and 8b + j + 4 -- nibbles j and j + 4
+of word b, which one shift and one LOP3 (``mma_unit_ptx``) put in a bf16x2. So no reshuffled copy of the
+weight is needed (``qmatmul_mma``'s fragment order fixes the natural k order instead, and pays for it with a
+second copy of the codes). x's matching pairs (x[8b + j], x[8b + j + 4]) are two half-word selects per register.
+
+The grid: one program per 16·SPW rows over all of K. Its W warps split K between them -- a batched MMA with
+warps along the batch -- and their partial sums meet once, in shared memory, at the end: split-K without a
+second kernel, without fp32 partials in global memory and without an arrival counter. Nothing in the loop
+touches shared memory or waits on a barrier; a warp's loads for UNITS units are issued before their first use.
+
+Why Gluon: plain Triton chooses the register layouts itself, and for one-warp MMAs its choice sends the operands
+through shared memory (measured 10-13 µs at 4096², quant_notes.md). Gluon states the layouts: the loads' blocked
+layouts are, register for register, the MMA operand fragments, so each ``convert_layout`` below is a renaming
+(no SHFL, STS or LDS in the compiled loop). Gluon does not run under the Triton interpreter, so this kernel is a
+GPU-only *candidate*: the M = 1 tuner of :mod:`qmatmul` times it against the FMA GEMV, which computes the same
+thing on every backend and is what the CPU tests check.
+
+Covers int4 with 16-bit x, scales per group of whole 128-code units (or per row), zero points, bias;
+K % 32 == 0 (a lane's 32-code block is wholly inside K or past it). Left out: int8 (bf16 cannot hold
+128 + a byte exactly), M > 1 (``qmatmul_mma``), Marlin's asynchronous copies (loads are issued UNITS deep).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
+from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
+
+__all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs"]
+
+if HAS_GLUON:
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+
+def tc_gemv_applies(bits: int, K: int, group_size: int, x_dtype: torch.dtype) -> bool:
+    """Whether the kernel covers this product (the caller has checked that qweight is int32-word aligned)."""
+    return (HAS_GLUON and not is_interpreter() and bits == 4 and x_dtype in (torch.float16, torch.bfloat16)
+            and K % 32 == 0 and (group_size >= K or group_size % 128 == 0))
+
+
+def tc_gemv_configs() -> list[dict]:
+    """(W warps, SPW 16-row slabs, UNITS loads in flight per warp). H100 sweep (triton 3.6): 16 warps x 16 rows
+    at 4096² and 4096 x 11008 (6.6 and 13.5 µs), 4 warps x 32 rows x 4 units at 11008 x 4096 (12.7 µs)."""
+    table = [(16, 1, 2), (16, 1, 1), (8, 2, 4), (8, 1, 4), (4, 2, 4), (4, 2, 2)]
+    return [dict(W=w, SPW=spw, UNITS=units) for w, spw, units in table]
+
+
+@gluon.jit
+def _halves(r, DTYPE: gl.constexpr):
+    """int32 holding two 16-bit floats -> [..., 2] (low half first): register renaming only."""
+    lo = r.to(gl.int16).to(DTYPE, bitcast=True)
+    hi = (r >> 16).to(gl.int16).to(DTYPE, bitcast=True)
+    return gl.join(lo, hi)
+
+
+@gluon.jit
+def _weight_operand(p, ASM: gl.constexpr, DTYPE: gl.constexpr, W: gl.constexpr, SPW: gl.constexpr):
+    """Words [W, 16·SPW, 16] (rows in (h, slab, g) order, row 16·slab + 8h + g) -> A [W, 16·SPW, 128]: slot
+    16(2b + j//2) + 8(j%2) + 2t + e holds code 32t + 8b + j + 4e of the unit, as q = u - ZERO_SHIFT."""
+    p = gl.reshape(p, (W, 2, SPW, 8, 4, 4))  # [w, h, slab, g, t, b]
+    r0, r1, r2, r3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [p], dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+    codes = gl.join(gl.join(_halves(r0, DTYPE), _halves(r1, DTYPE)), gl.join(_halves(r2, DTYPE), _halves(r3, DTYPE)))
+    codes = gl.permute(codes, (0, 2, 1, 3, 5, 8, 7, 4, 6))  # [w, slab, h, g | b, j // 2, j % 2, t, e]
+    return gl.reshape(codes, (W, SPW * 16, 128))
+
+
+@gluon.jit
+def _x_operand(x_ptr, ku, unit_live, K, DTYPE: gl.constexpr, x_words: gl.constexpr, W: gl.constexpr):
+    """B [W, 128, 8] for warp w's unit at code ku[w]: column 0 holds x at the same slots as _weight_operand's codes,
+    the other columns 0. Lane t loads x words 16t .. 16t + 15 of the unit (x[32t .. 32t + 31])."""
+    m = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_words)))  # word 16t + 4b + i of the unit
+    n = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_words)))
+    kx = gl.convert_layout(ku, gl.SliceLayout(1, gl.SliceLayout(2, x_words)))
+    live = gl.convert_layout(unit_live, gl.SliceLayout(1, gl.SliceLayout(2, x_words)))
+    offs = gl.multiple_of(kx // 2, 64)[:, None, None] + m[None, :, None] + 0 * n[None, None, :]
+    mask = (live[:, None, None] & (kx[:, None, None] + 32 * (m // 16)[None, :, None] < K)) & (n == 0)[None, None, :]
+    words = gl.load(x_ptr + offs, mask=mask, other=0)
+    words = gl.permute(gl.reshape(words, (W, 4, 4, 2, 2, 8)), (0, 1, 2, 4, 5, 3))  # [w, t, b, i % 2, n, i // 2]
+    lo, hi = gl.split(words)  # word i holds (x[8b + 2i], x[8b + 2i + 1]); lo: i < 2, hi: i >= 2
+    pair_even = (lo & 0xFFFF) | (hi << 16)  # j = 2(i % 2): (x[8b + j], x[8b + j + 4])
+    pair_odd = ((lo >> 16) & 0xFFFF) | (hi & -65536)  # j = 2(i % 2) + 1
+    x = _halves(gl.join(pair_even, pair_odd), DTYPE)  # [w, t, b, j // 2, n, j % 2, e]
+    return gl.reshape(gl.permute(x, (0, 2, 3, 5, 1, 6, 4)), (W, 128, 8))
+
+
+@gluon.jit
+def _tc_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, units_per_warp, stride_wn, stride_sn, stride_sg,
+                    ASM: gl.constexpr, DTYPE: gl.constexpr, GROUP_UNITS: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, W: gl.constexpr, SPW: gl.constexpr, UNITS: gl.constexpr):
+    """y[n] = Σ_units s[n, g]·(Σ_k q[n, k]·x[k] - z[n, g]·Σ_k x[k]) (+ bias): warp w sums the units
+    [w·upw, (w + 1)·upw), the W partial sums are added in shared memory at the end."""
+    ROWS: gl.constexpr = 16 * SPW
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    # a lane holds 4 words (16 bytes) of rows g and g + 8 per slab: the A fragment of lane 4g + t
+    words: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 4], threads_per_warp=[1, 8, 4], warps_per_cta=[W, 1, 1],
+                                           order=[2, 1, 0])
+    # lane 4g + t holds x words 16t .. 16t + 15 for column g: the B fragment (column g > 0 masked to 0)
+    x_words: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16, 1], threads_per_warp=[1, 4, 8],
+                                             warps_per_cta=[W, 1, 1], order=[1, 2, 0])
+    pid = gl.program_id(0)
+    warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))
+    rho = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))
+    rows = pid * ROWS + 16 * ((rho // 8) % SPW) + 8 * (rho // (ROWS // 2)) + rho % 8
+    word = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))
+    w_ptrs = w_ptr + rows.to(gl.int64)[None, :, None] * stride_wn + word[None, None, :]
+    row_live = (rows < N)[None, :, None]
+    per_row: gl.constexpr = gl.SliceLayout(2, mma)  # [W, ROWS]
+    warp_r = gl.arange(0, W, layout=gl.SliceLayout(1, per_row))
+    offs_n = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, per_row))
+    n_mask = offs_n < N
+    acc = gl.zeros([W, ROWS, 8], gl.float32, layout=mma)
+    for u0 in range(0, units_per_warp, UNITS):
+        for step in gl.static_range(UNITS):
+            ku = 128 * (warp * units_per_warp + u0 + step)  # [W]: this warp's unit
+            unit_live = (u0 + step < units_per_warp) & (ku < K)
+            p = gl.load(w_ptrs + gl.multiple_of(ku // 8, 16)[:, None, None],
+                        mask=row_live & (unit_live[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K)),
+                        other=0)
+            a = gl.convert_layout(_weight_operand(p, ASM, DTYPE, W, SPW), a_layout)
+            xs = gl.convert_layout(_x_operand(x_ptr, ku, unit_live, K, DTYPE, x_words, W), b_layout)
+            part = mma_v2(a, xs, gl.zeros([W, ROWS, 8], gl.float32, layout=mma))
+            unit = warp_r * units_per_warp + u0 + step
+            g = 0 * unit if GROUP_UNITS == 0 else unit // GROUP_UNITS
+            sz = offs_n[None, :] * stride_sn + g[:, None] * stride_sg
+            sz_mask = ((u0 + step < units_per_warp) & (128 * unit < K))[:, None] & n_mask[None, :]
+            s = gl.load(s_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
+            if HAS_ZEROS:  # Σ x·(u - z) = Σ x·u - z·Σ x; column 0 of Σ_k B is Σ x, the others 0
+                x_sum = gl.convert_layout(gl.sum(xs.to(gl.float32), axis=1), gl.SliceLayout(1, mma))
+                z = gl.load(z_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
+                part -= z[:, :, None] * x_sum[:, None, :]
+            acc += s[:, :, None] * part
+    y = gl.sum(gl.sum(acc, axis=2), axis=0)  # the warps' partial sums meet in shared memory
+    if HAS_BIAS:
+        y += gl.load(b_ptr + offs_n, mask=n_mask, other=0).to(gl.float32)
+    gl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def tc_gemv(x_words: torch.Tensor, w_words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            bias: torch.Tensor | None, out: torch.Tensor, K: int, group_size: int, config: dict) -> torch.Tensor:
+    """out [N] = W x for one row x, given as int32 words [K/2] of its 16-bit values; w_words: the row-major int4
+    codes as int32 words [N, K/8] (symmetric codes stored +8, as QuantizedLinear does). The caller validated the
+    formats and checked :func:`tc_gemv_applies`."""
+    N = w_words.shape[0]
+    W, SPW = config["W"], config["SPW"]
+    _tc_gemv_kernel[(triton.cdiv(N, 16 * SPW),)](
+        x_words, w_words, scales, zeros if zeros is not None else scales, bias if bias is not None else out, out,
+        N, K, triton.cdiv(triton.cdiv(K, 128), W), w_words.stride(0), scales.stride(0), scales.stride(1),
+        ASM=mma_unit_ptx(out.dtype, 0 if zeros is not None else 8),
+        DTYPE=gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16,
+        GROUP_UNITS=0 if group_size >= K else group_size // 128, HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None, W=W, SPW=SPW, UNITS=config["UNITS"], num_warps=W)
+    return out
