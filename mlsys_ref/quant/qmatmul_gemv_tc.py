@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
+from mlsys_ref.quant.qmatmul_mma import _halves
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
 __all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs"]
@@ -55,14 +56,6 @@ def tc_gemv_configs() -> list[dict]:
     at 4096² and 4096 x 11008 (6.6 and 13.5 µs), 4 warps x 32 rows x 4 units at 11008 x 4096 (12.7 µs)."""
     table = [(16, 1, 2), (16, 1, 1), (8, 2, 4), (8, 1, 4), (4, 2, 4), (4, 2, 2)]
     return [dict(W=w, SPW=spw, UNITS=units) for w, spw, units in table]
-
-
-@gluon.jit
-def _halves(r, DTYPE: gl.constexpr):
-    """int32 holding two 16-bit floats -> [..., 2] (low half first): register renaming only."""
-    lo = r.to(gl.int16).to(DTYPE, bitcast=True)
-    hi = (r >> 16).to(gl.int16).to(DTYPE, bitcast=True)
-    return gl.join(lo, hi)
 
 
 @gluon.jit
