@@ -24,7 +24,9 @@ through shared memory (measured 10-13 µs at 4096², quant_notes.md). Gluon stat
 layouts are, register for register, the MMA operand fragments, so each ``convert_layout`` below is a renaming
 (no SHFL, STS or LDS in the compiled loop). Gluon does not run under the Triton interpreter, so this kernel is a
 GPU-only *candidate*: the M = 1 tuner of :mod:`qmatmul` times it against the FMA GEMV, which computes the same
-thing on every backend and is what the CPU tests check.
+thing on every backend. ``tc_gemv_torch`` is this kernel's algorithm in PyTorch -- the slot order
+(``slot_order``), the bit work on the words (``unit_slots_from_words``), the warps' split of K -- which the CPU
+tests check against the reference; the GPU tests check the kernel.
 
 Covers int4 with 16-bit x, scales per group of whole 128-code units (or per row), zero points, bias;
 K % 32 == 0 (a lane's 32-code block is wholly inside K or past it). Left out: int8 (bf16 cannot hold
@@ -39,10 +41,54 @@ from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
 from mlsys_ref.quant.qmatmul_mma import _halves
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
-__all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs"]
+__all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs", "tc_gemv_torch", "slot_order", "unit_slots_from_words"]
 
 if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+
+# -- the algorithm in PyTorch (CPU-checkable): the slot order, the bit work, the warps' split of K -----------------
+def slot_order() -> torch.Tensor:
+    """k (inside a 128-code unit) that MMA slot s stands for: slot 16(2b + j//2) + 8(j%2) + 2t + e (the m16n8k16
+    fragment's chunk c = 2b + j//2, half j%2, lane column t, element e) holds code 32t + 8b + j + 4e."""
+    b, j_hi, j_lo, t, e = torch.meshgrid(*(torch.arange(n) for n in (4, 2, 2, 4, 2)), indexing="ij")
+    return (32 * t + 8 * b + 2 * j_hi + j_lo + 4 * e).reshape(-1)
+
+
+def unit_slots_from_words(words: torch.Tensor) -> torch.Tensor:
+    """The row-major int32 words of one unit, [N, 16] -> its 128 codes in slot order, [N, 128], by the kernel's bit
+    work: lane column t owns words 4t .. 4t + 3, and pair j of word b is nibbles j and j + 4 (``mma_unit_ptx``)."""
+    w = words.to(torch.int64).reshape(-1, 4, 4) & 0xFFFFFFFF  # [N, t, b]
+    j = torch.arange(4)
+    pairs = torch.stack(((w[..., None] >> (4 * j)) & 0xF, (w[..., None] >> (4 * j + 16)) & 0xF), -1)  # [N, t, b, j, e]
+    pairs = pairs.reshape(-1, 4, 4, 2, 2, 2)  # [N, t, b, j // 2, j % 2, e]
+    return pairs.permute(0, 2, 3, 4, 1, 5).reshape(-1, 128)  # [N, b, j // 2, j % 2, t, e]: slot order
+
+
+def tc_gemv_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  group_size: int, warps: int = 4) -> torch.Tensor:
+    """The kernel's algorithm for one row x [K], loops and all, in fp32: per unit, the left operand is the unit's
+    codes in slot order and the right one x in the same order (any order sums to the same); the units are split
+    among ``warps``, whose partial sums are added at the end. K % 32 == 0; the last unit is padded with zeros."""
+    N, K = qweight.shape[0], x.shape[-1]
+    units = -(-K // 128)
+    pad = 128 * units - K
+    words = torch.nn.functional.pad(qweight, (0, pad // 2)).view(torch.int32)  # [N, units·16] row-major words
+    xs = torch.nn.functional.pad(x.float(), (0, pad))
+    order = slot_order()
+    zero_shift = 8 if zeros is None else 0  # symmetric codes are stored + 8
+    per_warp = -(-units // warps)
+    partial = torch.zeros(warps, N)
+    for warp in range(warps):
+        for unit in range(warp * per_warp, min(units, (warp + 1) * per_warp)):
+            q = unit_slots_from_words(words[:, 16 * unit:16 * unit + 16]).float() - zero_shift  # A, [N, 128]
+            x_unit = xs[128 * unit + order]  # column 0 of B, same slots
+            part = q @ x_unit
+            g = 0 if group_size >= K else 128 * unit // group_size
+            if zeros is not None:
+                part -= zeros[:, g].float() * x_unit.sum()
+            partial[warp] += scales[:, g].float() * part
+    return partial.sum(0)  # the kernel: in shared memory
 
 
 def tc_gemv_applies(bits: int, K: int, group_size: int, x_dtype: torch.dtype) -> bool:

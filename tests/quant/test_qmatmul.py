@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from mlsys_ref.quant import qmatmul, qmatmul_dispatch
+from mlsys_ref.quant import qmatmul, qmatmul_dispatch, qmatmul_gemv_tc
 from mlsys_ref.quant.linear import QuantizedLinear
+from mlsys_ref.quant.primitives import unpack_int4
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
 from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies, tc_gemv_configs
 from mlsys_ref.quant.qmatmul_tune import gemv_configs as gemv_configs_tuned  # unpinned by the fixture below
@@ -311,3 +312,20 @@ def test_gpu_quantized_linear_bf16_act_order():
     ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm)
     assert max_error(y, ref) <= max(2 * max_error(eager, ref), 1e-3)
     check(x, ql)
+
+
+@pytest.mark.parametrize("N,K,group,symmetric", [(45, 256, 128, True), (37, 416, None, False), (20, 768, 256, False)])
+def test_tensor_core_gemv_algorithm_in_pytorch(N, K, group, symmetric):
+    """The Gluon kernel's k order and split (qmatmul_gemv_tc.tc_gemv_torch), on the CPU: the slot order is a
+    permutation, the bit work on row-major words yields the codes in that order, and the product matches the
+    reference (K = 416 leaves a ragged last unit; per-row scales; zero points; a warp with no units)."""
+    order = qmatmul_gemv_tc.slot_order()
+    assert torch.equal(order.sort().values, torch.arange(128))
+    ql = make_layer(N, K, 4, group, symmetric, "cpu")
+    codes = unpack_int4(ql.qweight)
+    words = ql.qweight[:, :64].contiguous().view(torch.int32)  # the first unit's 16 words per row
+    assert torch.equal(qmatmul_gemv_tc.unit_slots_from_words(words), codes[:, order].to(torch.int64))
+    x = torch.randn(K)
+    y = qmatmul_gemv_tc.tc_gemv_torch(x, ql.qweight, ql.scales, ql.zeros, ql.group_size, warps=4)
+    ref = quant_matmul_reference(x[None].double(), ql.qweight, ql.scales, ql.zeros, bits=4)[0]
+    assert_close(y, ref, torch.float32)
