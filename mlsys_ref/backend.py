@@ -108,8 +108,24 @@ if not HAS_TRITON:
     tl = _Anything()  # type: ignore[assignment]
 
 
+def require_triton(what: str = "this kernel") -> None:
+    """Raise a clear error if Triton is unavailable; call at the top of every launcher."""
+    if not HAS_TRITON:
+        raise TritonUnavailableError(
+            f"{what} is a Triton kernel, but Triton cannot be used here "
+            f"({_TRITON_IMPORT_ERROR}). Install it with `pip install triton` (Linux), or use "
+            "the PyTorch implementations of the same technique (the *_reference and *_torch "
+            "functions), which need only torch."
+        )
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels run on the CPU under the Triton interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 HAS_GLUON = False
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if HAS_TRITON and not is_interpreter():
     try:  # the names a Gluon kernel here uses, in triton 3.6 as in 3.9
         from triton.experimental import gluon  # noqa: E402
         from triton.experimental.gluon import language as gl  # noqa: E402
@@ -128,22 +144,6 @@ if not HAS_GLUON:  # kernel modules still import; their launchers check HAS_GLUO
             return self
 
     gluon = gl = _NoGluon()  # type: ignore[assignment]
-
-
-def require_triton(what: str = "this kernel") -> None:
-    """Raise a clear error if Triton is unavailable; call at the top of every launcher."""
-    if not HAS_TRITON:
-        raise TritonUnavailableError(
-            f"{what} is a Triton kernel, but Triton cannot be used here "
-            f"({_TRITON_IMPORT_ERROR}). Install it with `pip install triton` (Linux), or use "
-            "the PyTorch implementations of the same technique (the *_reference and *_torch "
-            "functions), which need only torch."
-        )
-
-
-def is_interpreter() -> bool:
-    """True when Triton kernels run on the CPU under the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_device() -> torch.device:

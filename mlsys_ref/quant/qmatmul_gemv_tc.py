@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
-from mlsys_ref.quant.qmatmul_mma import _halves
+from mlsys_ref.quant.qmatmul_mma import _halves, _slot_shifts
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
 __all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs", "tc_gemv_torch", "slot_order", "unit_slots_from_words"]
@@ -58,9 +58,8 @@ def slot_order() -> torch.Tensor:
 def unit_slots_from_words(words: torch.Tensor) -> torch.Tensor:
     """The row-major int32 words of one unit, [N, 16] -> its 128 codes in slot order, [N, 128], by the kernel's bit
     work: lane column t owns words 4t .. 4t + 3, and pair j of word b is nibbles j and j + 4 (``mma_unit_ptx``)."""
-    w = words.to(torch.int64).reshape(-1, 4, 4) & 0xFFFFFFFF  # [N, t, b]
-    j = torch.arange(4)
-    pairs = torch.stack(((w[..., None] >> (4 * j)) & 0xF, (w[..., None] >> (4 * j + 16)) & 0xF), -1)  # [N, t, b, j, e]
+    w = words.to(torch.int64).reshape(-1, 4, 4, 1, 1) & 0xFFFFFFFF  # [N, t, b, 1, 1]
+    pairs = (w >> _slot_shifts(w.device)) & 0xF  # [N, t, b, j, e]: nibble j + 4e, the fragment layout's slot shifts
     pairs = pairs.reshape(-1, 4, 4, 2, 2, 2)  # [N, t, b, j // 2, j % 2, e]
     return pairs.permute(0, 2, 3, 4, 1, 5).reshape(-1, 128)  # [N, b, j // 2, j % 2, t, e]: slot order
 
