@@ -92,7 +92,8 @@ def stream_read(codes: torch.Tensor) -> torch.Tensor:
     of 132-1056 programs and 2048-8192 words a step on the H100: 72-73% of copy at 22.5 MB, quant_notes.md)."""
     words = codes.view(torch.int32).view(-1)
     block = 8192
-    per_program = triton.cdiv(triton.cdiv(words.numel(), 8 * torch.cuda.get_device_properties(codes.device).multi_processor_count), block) * block
+    sms = torch.cuda.get_device_properties(codes.device).multi_processor_count
+    per_program = triton.cdiv(triton.cdiv(words.numel(), 8 * sms), block) * block
     out = torch.empty(triton.cdiv(words.numel(), per_program), dtype=torch.int32, device=codes.device)
     _stream_read_kernel[(out.numel(),)](words, out, words.numel(), per_program, BLOCK=block, num_warps=8)
     return out
@@ -307,8 +308,8 @@ def targets_note(rows: list[dict]) -> str:
     large = [r["pct_copy_bw"] for r in gemv if r["N"] * r["K"] > 4096 * 4096]  # the issue judges the large shapes
     if gemv:
         ceiling = {r["shape"]: r["pct_copy_bw"] for r in rows if r["kernel"] == READ}
-        shown = ", ".join(f"{r['pct_copy_bw']:.0f}%" + (f" (read only: {ceiling[r['shape']]:.0f}%)" if r["shape"] in ceiling else "")
-                          for r in gemv)
+        shown = ", ".join(f"{r['pct_copy_bw']:.0f}%"
+                          + (f" (read only: {ceiling[r['shape']]:.0f}%)" if r["shape"] in ceiling else "") for r in gemv)
         lines.append(f"| W4A16 M = 1 weight bandwidth, % of copy (judged on the large shapes; in brackets the same "
                      f"codes read with no arithmetic) | 70% | 85% | {shown} | "
                      f"{'yes' if large and min(large) >= 70 else 'NO'} |")
@@ -348,8 +349,8 @@ def main() -> None:
     folder = common.write_results("quant", rows, notes)
     if decode:
         common.write_results("quant_decode", decode)
-    common.plot([r for r in rows if r["kernel"] != READ], x="M", y="speedup_vs_bf16", series="kernel", panels="shape", path=folder / "quant.png",
-                title="quantized matmul: speed-up over cuBLAS bf16", hline=1.0, hline_label="bf16")
+    common.plot([r for r in rows if r["kernel"] != READ], x="M", y="speedup_vs_bf16", series="kernel", panels="shape",
+                path=folder / "quant.png", title="quantized matmul: speed-up over cuBLAS bf16", hline=1.0, hline_label="bf16")
     print(targets_note(rows))
     print(decode_table)
     print(f"wrote {folder}/quant.{{csv,md,png}} in {time.perf_counter() - start:.0f} s")
