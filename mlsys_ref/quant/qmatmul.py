@@ -78,6 +78,7 @@ from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _split
 from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, mma_words, pack_int4_mma, unpack_int4_mma
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, m_bucket, mma_configs, pick_config
+from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies, wgmma_configs, wgmma_launch, wgmma_splits
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_eager", "dequantize_weight", "pack_int4_mma"]
 
@@ -299,6 +300,18 @@ def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -
     bias = bias.contiguous() if bias is not None else None
 
     def run(cfg: dict) -> torch.Tensor:
+        if "STAGES" in cfg:  # the warp-specialized wgmma kernel (qmatmul_wgmma, Hopper, GPU only)
+            if not wgmma_applies(K, group_size, x2, zeros):
+                raise ValueError(f"config {cfg} is the wgmma kernel (qmatmul_wgmma), which does not cover this product "
+                                 "(Hopper GPU, 16-bit x with 16-byte aligned rows, no zero points, 128-code groups)")
+            split = wgmma_splits(K, cfg)[1]
+            if split == 1:
+                wgmma_launch(x2, packed, scales, bias, group_size, cfg, out)
+            else:
+                workspace = torch.empty(split, M, N, device=out.device, dtype=torch.float32)
+                wgmma_launch(x2, packed, scales, None, group_size, cfg, workspace)
+                _reduce_splits(workspace, bias, out)
+            return out
         split = cfg["SPLIT_K"]
         last = split > 1 and bool(cfg.get("LAST", 0))
         workspace = None if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
@@ -310,7 +323,11 @@ def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -
         return out
 
     key = (m_bucket(M), N, K, group_size, zeros is not None, bias is not None, x2.dtype)
-    return run(config if config is not None else pick_config("qmm_mma", key, mma_configs(M), run))
+    # from M = 128 up, the warp-specialized wgmma kernel joins the candidates where it applies (H100: 0.82-1.27x
+    # cuBLAS at M = 256, against 0.66-0.97x for the Triton fragment kernel; quant_notes.md)
+    wide = M > 64 and wgmma_applies(K, group_size, x2, zeros)
+    candidates = mma_configs(M) + (wgmma_configs() if wide else [])
+    return run(config if config is not None else pick_config("qmm_mma", key, candidates, run))
 
 
 class _QuantMatmul(torch.autograd.Function):

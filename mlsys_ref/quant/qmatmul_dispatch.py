@@ -7,7 +7,7 @@ and raise on a format they do not cover instead of falling back.
 
 The one idea to notice: the layout is a measured choice, not a rule. int4 codes in tensor-core fragment
 order (Marlin, Frantar et al. 2024, §3; :mod:`mlsys_ref.quant.qmatmul_mma`) win for 2 <= M <= 64 on the
-H100, the row-major TMA-fed GEMM at M = 256, and at M = 1 the tensor-core GEMV on the row-major codes
+H100 and, through the warp-specialized wgmma kernel (:mod:`mlsys_ref.quant.qmatmul_wgmma`), at M = 256, and at M = 1 the tensor-core GEMV on the row-major codes
 (:mod:`mlsys_ref.quant.qmatmul_gemv_tc`, GPU only); where that one does not apply, the two layouts' tuned
 M = 1 kernels are timed once per shape and the faster is kept (``quantized_linear``). The module keeps the
 row-major codes (its storage format and state dict) and packs a cached fragment-order copy on first use
@@ -25,6 +25,7 @@ from mlsys_ref.quant.qmatmul import quant_matmul
 from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies
 from mlsys_ref.quant.qmatmul_mma import UNIT, pack_int4_mma
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, pick_config
+from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies
 
 __all__ = ["use_kernels", "kernel_applies", "mma_layout_applies", "quantized_linear"]
 
@@ -75,12 +76,15 @@ MMA_LAYOUT_M = (1, 64)  # the token counts QuantizedLinear may run in fragment o
 
 def mma_layout_applies(module, x: torch.Tensor) -> bool:
     """Whether the module's int4 weight may run in fragment order (pack_int4_mma): int4 with groups of whole
-    128-code units, 16-bit x and M <= 64 (at M = 256 the row-major TMA-fed GEMM was faster on the H100,
+    128-code units, 16-bit x, and M <= 64 or, on Hopper, any M the warp-specialized wgmma kernel covers
+    (qmatmul_wgmma; elsewhere at M = 256 the row-major TMA-fed GEMM was faster on the H100,
     benchmarks/results/h100-sxm/quant_notes.md). At M = 1 quantized_linear decides (see there)."""
     K = module.in_features
     M = x.numel() // K
-    return (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
-            and x.dtype in (torch.float16, torch.bfloat16) and MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1])
+    if not (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
+            and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1] or wgmma_applies(K, module.group_size, x.reshape(-1, K), module.zeros)
 
 
 def mma_qweight(module) -> torch.Tensor:

@@ -66,16 +66,19 @@ def lop3_ptx(mask: int, power: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def mma_unit_ptx(dtype: torch.dtype, zero_shift: int) -> str:
+def mma_unit_ptx(dtype: torch.dtype, zero_shift: int, scaled: bool = False) -> str:
     """One int32 word of the fragment layout (qmatmul_mma) -> its four code pairs q = u - zero_shift as
     bf16x2/f16x2 registers: pair j is (word >> 4j) & 0x000F000F, ORed into the mantissas of 128.0 (bf16) or
     1024.0 (fp16), whose unit in the last place is 1, so f = 2^e + u exactly, and one packed subtraction of
-    2^e + zero_shift leaves q: a shift, a LOP3 and a SUB per two weights."""
+    2^e + zero_shift leaves q: a shift, a LOP3 and a SUB per two weights. ``scaled``: the weights q·s instead
+    (one packed multiply more, rounded once, as dequantize-then-matmul rounds them), s given as a second
+    operand holding the row's scale in both halves."""
     bf16 = dtype == torch.bfloat16
     magic, ty = ("0x43004300", "bf16x2") if bf16 else ("0x64006400", "f16x2")
     base = 128.0 if bf16 else 1024.0
     offset = torch.tensor([base + zero_shift] * 2, dtype=dtype).view(torch.int32).item() & 0xFFFFFFFF
-    steps = [f"    lop3.b32 v, $4, 0x000F000F, {magic}, 0xea; sub.{ty} $0, v, o;"]
-    steps += [f"    shr.u32 v, $4, {4 * j}; lop3.b32 v, v, 0x000F000F, {magic}, 0xea; sub.{ty} ${j}, v, o;"
+    scale = (lambda j: f" mul.rn.{ty} ${j}, ${j}, $5;") if scaled else (lambda j: "")
+    steps = [f"    lop3.b32 v, $4, 0x000F000F, {magic}, 0xea; sub.{ty} $0, v, o;{scale(0)}"]
+    steps += [f"    shr.u32 v, $4, {4 * j}; lop3.b32 v, v, 0x000F000F, {magic}, 0xea; sub.{ty} ${j}, v, o;{scale(j)}"
               for j in range(1, 4)]
     return "{\n    .reg .b32 v, o;\n    mov.b32 o, " + f"0x{offset:08X};\n" + "\n".join(steps) + "\n}"

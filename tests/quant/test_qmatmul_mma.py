@@ -192,3 +192,32 @@ def test_gpu_module_at_m1(N, K, group):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y_graph, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 37, 256, 300])
+@pytest.mark.parametrize("N,K,group,dtype,with_bias", [
+    (4096, 4096, 128, torch.bfloat16, False), (1000, 11008, 128, torch.float16, True),
+    (777, 1104, None, torch.bfloat16, True), (200, 768, 256, torch.bfloat16, False)])
+def test_gpu_wgmma_every_config(M, N, K, group, dtype, with_bias):
+    """The warp-specialized wgmma kernel (qmatmul_wgmma), every config: odd M and N (rows past both masked), a K
+    that is not a multiple of the 128-code unit, split-K summed by the second kernel, bias, bf16 and fp16."""
+    from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies, wgmma_configs
+    ql = make_layer(N, K, group, True, "cuda", scale_dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype) if with_bias else None
+    if not wgmma_applies(K, ql.group_size, x, None):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    for config in wgmma_configs():
+        check(x, ql, config=config, bias=bias)
+
+
+@pytest.mark.gpu
+def test_gpu_module_at_m256_runs_the_fragment_layout():
+    """On Hopper the module takes the fragment layout at M = 256 (the wgmma kernel among the tuner's candidates)."""
+    ql = make_layer(1024, 2048, 128, True, "cuda", scale_dtype=torch.bfloat16)
+    x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)
+    y = ql(x)
+    ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, None, bits=4)
+    assert max_error(y, ref) <= 2 * max_error(quant_matmul_eager(x, ql.qweight, ql.scales, None, bits=4), ref)
+    assert hasattr(ql, "_mma_cache") == qmatmul_dispatch.mma_layout_applies(ql, x)

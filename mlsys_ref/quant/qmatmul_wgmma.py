@@ -1,0 +1,196 @@
+"""W4A16 at large M on Hopper's wgmma: two warpgroups taking turns on the tensor cores (Gluon, GPU only).
+
+Paper: Marlin (Frantar, Castro, Chen, Hoefler, Alistarh 2024, arXiv:2408.11743), §3 (the weight in fragment
+order, dequantized in registers straight into the MMA operand), on Hopper's asynchronous warpgroup MMA as
+CUTLASS's mixed-input "ping-pong" GEMMs feed it: the weight is the *register* operand (its rows fill the MMA's
+M slot, 64 per warpgroup) and x the shared-memory operand, all M <= 256 tokens of it in one tile brought by
+TMA, so each weight is dequantized once per tile.
+
+The one idea to notice: a warpgroup cannot overlap its own bit work with its own MMAs here. A wgmma reads its
+register operand asynchronously, and ptxas gives the next unit's operand the same registers (measured: with
+the MMAs left in flight across iterations the results were wrong), so each warpgroup must wait for its MMAs
+before it dequantizes the next unit. Two warpgroups that do *not* wait for each other hide it instead: while
+one does bit work the other's MMAs run. So the kernel is warp-specialized: a one-warp producer streams x's
+tiles by TMA into a ring of shared-memory stages, and two consumer warpgroups (64 weight rows each) take every
+stage, each at its own pace, releasing it through an mbarrier that counts both. No CTA-wide barrier in the
+loop: that lockstep is what the plain-Triton GEMM (``qmatmul_kernels._qgemm_kernel``) and a first version of
+this kernel had (0.75-0.80x cuBLAS at 11008 x 4096, against 0.82x here; quant_notes.md has the numbers).
+
+Layout: the fragment order of :mod:`mlsys_ref.quant.qmatmul_mma` (``pack_int4_mma``): a lane's 16-byte load
+per row and unit is exactly its wgmma register fragment, and the rows are loaded in (h, slab, g) order so the
+load's blocked layout *is* the operand layout (the ``convert_layout`` renames registers). One PTX string per
+word (``mma_unit_ptx(..., scaled=True)``) gives (u - 8)·s as bf16x2/f16x2: four weights per
+shift-LOP3-SUB-MUL, rounded once as dequantize-then-matmul rounds them.
+
+Covers int4, symmetric codes (no zero points), 16-bit x with 16-byte aligned rows, groups of whole 128-code
+units (or one per row), bias, split-K (fp32 partials summed by ``qmatmul._reduce_splits``). Gluon does not run
+under the interpreter: this is a GPU-only candidate of the fragment-layout path (``quant_matmul`` with an
+int32 qweight), whose Triton kernel (:mod:`qmatmul_mma`) computes the same product on every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
+from mlsys_ref.quant.qmatmul_mma import _halves
+from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
+
+__all__ = ["wgmma_applies", "wgmma_configs", "wgmma_splits", "wgmma_launch"]
+
+# the dequantization PTX of each x dtype, as module constants: a warp-specialized partition takes no strings
+_ASM_BF16 = gl.constexpr(mma_unit_ptx(torch.bfloat16, 8, scaled=True))
+_ASM_F16 = gl.constexpr(mma_unit_ptx(torch.float16, 8, scaled=True))
+
+if HAS_GLUON:
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+ROWS = gl.constexpr(128) if HAS_GLUON else 128  # weight rows per program: two consumer warpgroups of 64
+
+
+def wgmma_applies(K: int, group_size: int, x: torch.Tensor, zeros: torch.Tensor | None) -> bool:
+    """Whether the kernel covers this product (fragment-order int4 weight; the caller validated the formats)."""
+    return (HAS_GLUON and not is_interpreter() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and zeros is None and x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1
+            and (group_size >= K or group_size % 128 == 0) and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
+def wgmma_configs() -> list[dict]:
+    """(BLOCK_M tokens, STAGES of x in shared memory, SPLIT_K). H100 sweep at M = 256 (triton 3.6): 3 stages,
+    split-K 3 at 11008 x 4096 (52.3 us), 4 at 4096 x 4096 and 4096 x 11008 (22.0 and 41.5 us)."""
+    table = [(256, 3, 4), (256, 3, 3), (256, 3, 2), (256, 3, 1), (128, 4, 4)]
+    return [dict(BLOCK_M=m, STAGES=s, SPLIT_K=k) for m, s, k in table]
+
+
+@gluon.jit
+def _unit_operand(p, s2, ASM: gl.constexpr, DTYPE: gl.constexpr, SLABS: gl.constexpr):
+    """Words [16·SLABS, 16] of one unit, rows loaded in (h, slab, g) order, and s2 (the row's scale in both
+    halves of an int32, same shape) -> (u - 8)·s as the [16·SLABS, 128] left operand, rows 16·slab + 8h + g,
+    k in order: every value stays in the thread that loaded it (see qmatmul_mma._unit_weights)."""
+    p = gl.reshape(p, (2, SLABS, 8, 4, 4))  # [h, slab, g, t, b]
+    s2 = gl.reshape(s2, (2, SLABS, 8, 4, 4))
+    r0, r1, r2, r3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [p, s2], dtype=(gl.int32,) * 4, is_pure=True,
+                                               pack=1)
+    codes = gl.join(gl.join(_halves(r0, DTYPE), _halves(r1, DTYPE)), gl.join(_halves(r2, DTYPE), _halves(r3, DTYPE)))
+    codes = gl.permute(codes, (1, 0, 2, 4, 7, 6, 3, 5))  # [slab, h, g | b, j // 2, j % 2, t, pair half]
+    return gl.reshape(codes, (SLABS * 16, 128))
+
+
+@gluon.jit
+def _consumer(x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n, stride_wn,
+              stride_sn, stride_sg, stride_om, stride_os, pid_k, HALF: gl.constexpr, IS_BF16: gl.constexpr,
+              GROUP_UNITS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
+              STAGES: gl.constexpr):
+    """One warpgroup, weight rows [64·HALF, 64·HALF + 64) of the tile. Per unit: dequantize into registers, eight
+    wgmmas, wait for them (the operand registers are reused next), release the x stage to the producer."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    # lane 4g + t holds words 4t .. 4t + 3 of rows g and g + 8 of its warp's slab: its wgmma A fragment
+    words: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
+                                           order=[1, 0])
+    rho = gl.arange(0, 64, layout=gl.SliceLayout(1, words))  # loaded row rho = (h, slab, g)
+    rows = pid_n * ROWS + HALF * 64 + 16 * ((rho // 8) % 4) + 8 * (rho // 32) + rho % 8
+    row_live = rows < N
+    word = gl.arange(0, 16, layout=gl.SliceLayout(0, words))
+    w_ptrs = w_ptr + rows.to(gl.int64)[:, None] * stride_wn + word[None, :]
+    s_ptrs = s_ptr + rows * stride_sn
+    live2 = row_live[:, None] & (word < 16)[None, :]
+    acc = gl.zeros([64, BLOCK_M], gl.float32, layout=mma)
+    p = gl.load(w_ptrs + first * 16, mask=live2, other=0)
+    g = 0 if GROUP_UNITS == 0 else first // GROUP_UNITS
+    s_raw = gl.load(s_ptrs + g * stride_sg, mask=row_live, other=0)
+    for i in range(count):
+        u = first + i
+        # the next unit's words and scales, in flight while this one's bit work and MMAs run
+        more = i + 1 < count
+        p_next = gl.load(w_ptrs + (u + 1) * 16, mask=live2 & more, other=0)
+        g = 0 if GROUP_UNITS == 0 else (u + 1) // GROUP_UNITS
+        s_next = gl.load(s_ptrs + g * stride_sg, mask=row_live & more, other=0)
+        if IS_BF16:
+            bits = s_raw.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            s2 = (bits | (bits << 16))[:, None] + 0 * word[None, :]  # the scale pair, beside each word
+            a = gl.convert_layout(_unit_operand(p, s2, _ASM_BF16, gl.bfloat16, 4), a_layout)
+        else:
+            bits = s_raw.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            s2 = (bits | (bits << 16))[:, None] + 0 * word[None, :]
+            a = gl.convert_layout(_unit_operand(p, s2, _ASM_F16, gl.float16, 4), a_layout)
+        stage = i % STAGES
+        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, use_acc=i > 0, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        mbarrier.arrive(empty.index(stage), count=1)
+        p = p_next
+        s_raw = s_next
+    offs_n = pid_n * ROWS + HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    tile = offs_m.to(gl.int64)[None, :] * stride_om + offs_n[:, None]  # out [M, N]: yᵀ
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(gl.float32)[:, None]
+        gl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # fp32 partials [SPLIT_K, M, N], summed by the caller's second kernel
+        gl.store(out_ptr + pid_k * stride_os + tile, acc, mask=mask)
+
+
+@gluon.jit
+def _producer(x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: x's [BLOCK_M, 128] tiles by TMA, each stage refilled once both warpgroups have released it."""
+    for i in range(count):
+        stage = i % STAGES
+        mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1, pred=i >= STAGES)
+        mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (first + i) * 128], ready.index(stage),
+                                        x_smem.index(stage))
+
+
+@gluon.jit
+def _wgmma_kernel(x_desc, w_ptr, s_ptr, b_ptr, out_ptr, M, N, units, units_per_split, stride_wn, stride_sn,
+                  stride_sg, stride_om, stride_os, IS_BF16: gl.constexpr, GROUP_UNITS: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """yᵀ tile [128, BLOCK_M] = Σ_units Ŵ_unit x_unitᵀ over this program's share of the units (>= 1, see
+    wgmma_splits); the default partition and one worker are the two consumers, a second worker the producer."""
+    pid_m, pid_n, pid_k = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    first = pid_k * units_per_split
+    count = gl.minimum(units_per_split, units - first)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, 128], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumers release each stage
+    gl.warp_specialize([(_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m,
+                                     pid_n, stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16,
+                                     GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES)),
+                        (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m,
+                                     pid_n, stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16,
+                                     GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES)),
+                        (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
+                       [4, 1], [232, 40])
+
+
+def wgmma_splits(K: int, config: dict) -> tuple[int, int]:
+    """(units per split, splits): config's SPLIT_K, reduced so that every split owns at least one unit."""
+    units = triton.cdiv(K, 128)
+    per_split = triton.cdiv(units, config["SPLIT_K"])
+    return per_split, triton.cdiv(units, per_split)
+
+
+def wgmma_launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int, config: dict, target: torch.Tensor) -> None:
+    """One config on x2 [M, K] (16-bit, rows 16-byte aligned) and the fragment-order codes ``packed``; the output
+    goes to ``target``: out [M, N] when ``wgmma_splits`` gives one split (bias added), else fp32 partials
+    [splits, M, N] (bias not added). The caller validated the formats and checked :func:`wgmma_applies`."""
+    M, K = x2.shape
+    N = packed.shape[0]
+    per_split, split = wgmma_splits(K, config)
+    dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    block = [config["BLOCK_M"], 128]
+    desc = TensorDescriptor.from_tensor(x2, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+    _wgmma_kernel[(triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, ROWS), split)](
+        desc, packed, scales, bias if bias is not None else target, target, M, N, triton.cdiv(K, 128), per_split,
+        packed.stride(0), scales.stride(0), scales.stride(1), target.stride(-2), target.stride(0) if split > 1 else 0,
+        IS_BF16=x2.dtype == torch.bfloat16, GROUP_UNITS=0 if group_size >= K else group_size // 128,
+        HAS_BIAS=bias is not None and split == 1, SPLIT_K=split, BLOCK_M=config["BLOCK_M"], STAGES=config["STAGES"],
+        num_warps=4)
