@@ -49,10 +49,11 @@ The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validate
 
 Marlin's offline weight reshuffle into tensor-core fragment order is :mod:`mlsys_ref.quant.qmatmul_mma`
 (``pack_int4_mma``): an int32 qweight is that layout, and its kernel serves every M. QuantizedLinear keeps
-the row-major codes (its storage format) and packs a copy on first use: it runs 2 <= M <= 64 from it, and
-M = 1 from the row-major codes where the tensor-core GEMV applies, else from whichever layout a one-off
-timing picks (:mod:`mlsys_ref.quant.qmatmul_dispatch`, which also holds the ``use_kernels`` switch). In the row-major kernels here, the packed int4 tile goes through shared memory
-to reach the MMA's register layout.
+the row-major codes (its storage format) and packs a copy on first use: it runs 2 <= M <= 64 from it (on
+Hopper larger M too, by the wgmma kernel of :mod:`mlsys_ref.quant.qmatmul_wgmma`), and M = 1 from the
+row-major codes where the tensor-core GEMV applies, else from whichever layout a one-off timing picks
+(:mod:`mlsys_ref.quant.qmatmul_dispatch`, which also holds the ``use_kernels`` switch). In the row-major
+kernels here, the packed int4 tile goes through shared memory to reach the MMA's register layout.
 
 Left out: asynchronous global->shared pipelines written by hand, and stream-K (built and measured on the
 H100: slower at M = 16 and M = 256; at M = 256 the tiled GEMM itself runs at 0.93x cuBLAS on 4096² and
@@ -293,40 +294,35 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
 
 
 def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:
-    """The fragment-layout kernel (qmatmul_mma); split-K partials are summed by the last program of a tile to
-    arrive (config LAST = 1) or by the row-major GEMM's second kernel."""
+    """The fragment-layout kernels: qmatmul_mma's (every backend) and, on Hopper, qmatmul_wgmma's (a config naming
+    STAGES). Split-K partials are summed by the last program of a tile to arrive (config LAST = 1, qmatmul_mma
+    only) or by the row-major GEMM's second kernel."""
     M, K = x2.shape
     N = out.shape[1]
     bias = bias.contiguous() if bias is not None else None
+    wgmma = wgmma_applies(K, group_size, x2, zeros)
 
     def run(cfg: dict) -> torch.Tensor:
-        if "STAGES" in cfg:  # the warp-specialized wgmma kernel (qmatmul_wgmma, Hopper, GPU only)
-            if not wgmma_applies(K, group_size, x2, zeros):
-                raise ValueError(f"config {cfg} is the wgmma kernel (qmatmul_wgmma), which does not cover this product "
-                                 "(Hopper GPU, 16-bit x with 16-byte aligned rows, no zero points, 128-code groups)")
-            split = wgmma_splits(K, cfg)[1]
-            if split == 1:
-                wgmma_launch(x2, packed, scales, bias, group_size, cfg, out)
-            else:
-                workspace = torch.empty(split, M, N, device=out.device, dtype=torch.float32)
-                wgmma_launch(x2, packed, scales, None, group_size, cfg, workspace)
-                _reduce_splits(workspace, bias, out)
-            return out
-        split = cfg["SPLIT_K"]
+        if "STAGES" in cfg and not wgmma:
+            raise ValueError(f"config {cfg} is the wgmma kernel (qmatmul_wgmma), which does not cover this product "
+                             "(Hopper GPU, 16-bit x with 16-byte aligned rows, no zero points, 128-code groups)")
+        split = wgmma_splits(K, cfg)[1] if "STAGES" in cfg else cfg["SPLIT_K"]
         last = split > 1 and bool(cfg.get("LAST", 0))
         workspace = None if split == 1 else torch.empty(split, M, N, device=out.device, dtype=torch.float32)
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        mma_launch(x2, packed, scales, zeros, bias, group_size, cfg, out, workspace,
-                   _counters(out.device, tiles) if last else None)
+        if "STAGES" in cfg:  # adds the bias itself only without split-K
+            wgmma_launch(x2, packed, scales, bias, group_size, cfg, out if split == 1 else workspace)
+        else:
+            tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+            mma_launch(x2, packed, scales, zeros, bias, group_size, cfg, out, workspace,
+                       _counters(out.device, tiles) if last else None)
         if split > 1 and not last:
             _reduce_splits(workspace, bias, out)
         return out
 
     key = (m_bucket(M), N, K, group_size, zeros is not None, bias is not None, x2.dtype)
-    # from M = 128 up, the warp-specialized wgmma kernel joins the candidates where it applies (H100: 0.82-1.27x
+    # above M = 64 the warp-specialized wgmma kernel joins the candidates where it applies (H100: 0.82-1.27x
     # cuBLAS at M = 256, against 0.66-0.97x for the Triton fragment kernel; quant_notes.md)
-    wide = M > 64 and wgmma_applies(K, group_size, x2, zeros)
-    candidates = mma_configs(M) + (wgmma_configs() if wide else [])
+    candidates = mma_configs(M) + (wgmma_configs() if M > 64 and wgmma else [])
     return run(config if config is not None else pick_config("qmm_mma", key, candidates, run))
 
 

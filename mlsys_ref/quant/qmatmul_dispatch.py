@@ -7,11 +7,12 @@ and raise on a format they do not cover instead of falling back.
 
 The one idea to notice: the layout is a measured choice, not a rule. int4 codes in tensor-core fragment
 order (Marlin, Frantar et al. 2024, §3; :mod:`mlsys_ref.quant.qmatmul_mma`) win for 2 <= M <= 64 on the
-H100 and, through the warp-specialized wgmma kernel (:mod:`mlsys_ref.quant.qmatmul_wgmma`), at M = 256, and at M = 1 the tensor-core GEMV on the row-major codes
-(:mod:`mlsys_ref.quant.qmatmul_gemv_tc`, GPU only); where that one does not apply, the two layouts' tuned
-M = 1 kernels are timed once per shape and the faster is kept (``quantized_linear``). The module keeps the
-row-major codes (its storage format and state dict) and packs a cached fragment-order copy on first use
-of 2 <= M <= 64, so a decode-only model on the GPU never holds the second copy.
+H100 and, through the warp-specialized wgmma kernel (:mod:`mlsys_ref.quant.qmatmul_wgmma`), at M = 256; at
+M = 1 the tensor-core GEMV on the row-major codes (:mod:`mlsys_ref.quant.qmatmul_gemv_tc`, GPU only) wins;
+where that one does not apply, the two layouts' tuned M = 1 kernels are timed once per shape and the faster
+is kept (``quantized_linear``). The module keeps the row-major codes (its storage format and state dict)
+and packs a cached fragment-order copy on first use of M > 1 in that layout, so a decode-only model on the
+GPU never holds the second copy.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def mma_layout_applies(module, x: torch.Tensor) -> bool:
     if not (module.bits == 4 and (module.group_size == K or module.group_size % UNIT == 0)
             and x.dtype in (torch.float16, torch.bfloat16)):
         return False
-    return MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1] or wgmma_applies(K, module.group_size, x.reshape(-1, K), module.zeros)
+    return (MMA_LAYOUT_M[0] <= M <= MMA_LAYOUT_M[1]  # the check below only for the other M
+            or wgmma_applies(K, module.group_size, x.reshape(-1, K), module.zeros))
 
 
 def mma_qweight(module) -> torch.Tensor:

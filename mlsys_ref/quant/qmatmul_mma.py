@@ -120,14 +120,22 @@ def _code_pair(p, j: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
-def _unit_weights(p, ASM: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, SLABS: tl.constexpr):
+def _unit_weights(p, ASM: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, SLABS: tl.constexpr,
+                  scale_pairs=None):
     """[BLOCK_N, 16] words of one unit, rows loaded in (h, slab, g) order -> the codes q = u - SUB as the
     [BLOCK_N, 128] left MMA operand, rows 16·slab + 8·h + g, in k order. Every step keeps each value in the
-    thread that loaded it: reshape, join and permute only rename registers."""
+    thread that loaded it: reshape, join and permute only rename registers. With ``scale_pairs`` (the row's
+    scale in both halves of an int32, beside each word; ASM from ``mma_unit_ptx(..., scaled=True)``) the
+    weights q·s instead: the Gluon wgmma kernel (qmatmul_wgmma) calls this too."""
     p = tl.reshape(p, (2, SLABS, 8, 4, 4))  # [h, slab, g, t, b]
     if ASM != "":  # a shift, a LOP3 and a packed subtraction per pair of codes: mma_unit_ptx
-        r0, r1, r2, r3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [p], dtype=(tl.int32,) * 4, is_pure=True,
-                                                   pack=1)
+        if scale_pairs is None:
+            r0, r1, r2, r3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [p], dtype=(tl.int32,) * 4,
+                                                       is_pure=True, pack=1)
+        else:
+            r0, r1, r2, r3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r",
+                                                       [p, tl.reshape(scale_pairs, (2, SLABS, 8, 4, 4))],
+                                                       dtype=(tl.int32,) * 4, is_pure=True, pack=1)
         e0, e1, e2, e3 = _halves(r0, DOT), _halves(r1, DOT), _halves(r2, DOT), _halves(r3, DOT)
     else:
         e0, e1 = _code_pair(p, 0, SUB).to(DOT), _code_pair(p, 1, SUB).to(DOT)

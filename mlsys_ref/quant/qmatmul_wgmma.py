@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
-from mlsys_ref.quant.qmatmul_mma import _halves
+from mlsys_ref.quant.qmatmul_mma import _unit_weights
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
 __all__ = ["wgmma_applies", "wgmma_configs", "wgmma_splits", "wgmma_launch"]
@@ -64,17 +64,12 @@ def wgmma_configs() -> list[dict]:
 
 
 @gluon.jit
-def _unit_operand(p, s2, ASM: gl.constexpr, DTYPE: gl.constexpr, SLABS: gl.constexpr):
-    """Words [16·SLABS, 16] of one unit, rows loaded in (h, slab, g) order, and s2 (the row's scale in both
-    halves of an int32, same shape) -> (u - 8)·s as the [16·SLABS, 128] left operand, rows 16·slab + 8h + g,
-    k in order: every value stays in the thread that loaded it (see qmatmul_mma._unit_weights)."""
-    p = gl.reshape(p, (2, SLABS, 8, 4, 4))  # [h, slab, g, t, b]
-    s2 = gl.reshape(s2, (2, SLABS, 8, 4, 4))
-    r0, r1, r2, r3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [p, s2], dtype=(gl.int32,) * 4, is_pure=True,
-                                               pack=1)
-    codes = gl.join(gl.join(_halves(r0, DTYPE), _halves(r1, DTYPE)), gl.join(_halves(r2, DTYPE), _halves(r3, DTYPE)))
-    codes = gl.permute(codes, (1, 0, 2, 4, 7, 6, 3, 5))  # [slab, h, g | b, j // 2, j % 2, t, pair half]
-    return gl.reshape(codes, (SLABS * 16, 128))
+def _unit_operand(p, s_raw, word, ASM: gl.constexpr, DTYPE: gl.constexpr):
+    """Words [64, 16] of one unit (rows in (h, slab, g) order) and the rows' scales -> (u - 8)·s as the [64, 128]
+    register operand, by qmatmul_mma's bit work with the scaled PTX (every value stays in its thread)."""
+    bits = s_raw.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    scale_pairs = (bits | (bits << 16))[:, None] + 0 * word[None, :]  # the scale in both halves, beside each word
+    return _unit_weights(p, ASM, 8, DTYPE, 4, scale_pairs)
 
 
 @gluon.jit
@@ -107,14 +102,10 @@ def _consumer(x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, c
         p_next = gl.load(w_ptrs + (u + 1) * 16, mask=live2 & more, other=0)
         g = 0 if GROUP_UNITS == 0 else (u + 1) // GROUP_UNITS
         s_next = gl.load(s_ptrs + g * stride_sg, mask=row_live & more, other=0)
-        if IS_BF16:
-            bits = s_raw.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            s2 = (bits | (bits << 16))[:, None] + 0 * word[None, :]  # the scale pair, beside each word
-            a = gl.convert_layout(_unit_operand(p, s2, _ASM_BF16, gl.bfloat16, 4), a_layout)
+        if IS_BF16:  # (a string or dtype cannot be a partition's argument in triton 3.6: chosen here)
+            a = gl.convert_layout(_unit_operand(p, s_raw, word, _ASM_BF16, gl.bfloat16), a_layout)
         else:
-            bits = s_raw.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            s2 = (bits | (bits << 16))[:, None] + 0 * word[None, :]
-            a = gl.convert_layout(_unit_operand(p, s2, _ASM_F16, gl.float16, 4), a_layout)
+            a = gl.convert_layout(_unit_operand(p, s_raw, word, _ASM_F16, gl.float16), a_layout)
         stage = i % STAGES
         mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
         acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, use_acc=i > 0, is_async=True)

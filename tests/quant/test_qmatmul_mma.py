@@ -214,10 +214,13 @@ def test_gpu_wgmma_every_config(M, N, K, group, dtype, with_bias):
 
 @pytest.mark.gpu
 def test_gpu_module_at_m256_runs_the_fragment_layout():
-    """On Hopper the module takes the fragment layout at M = 256 (the wgmma kernel among the tuner's candidates)."""
+    """On Hopper the module takes the fragment layout at M = 256 (the wgmma kernel among the tuner's candidates),
+    elsewhere the row-major codes; right either way."""
+    from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies
     ql = make_layer(1024, 2048, 128, True, "cuda", scale_dtype=torch.bfloat16)
     x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)
     y = ql(x)
     ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, None, bits=4)
     assert max_error(y, ref) <= 2 * max_error(quant_matmul_eager(x, ql.qweight, ql.scales, None, bits=4), ref)
-    assert hasattr(ql, "_mma_cache") == qmatmul_dispatch.mma_layout_applies(ql, x)
+    assert qmatmul_dispatch.mma_layout_applies(ql, x) == wgmma_applies(2048, 128, x, None)
+    assert hasattr(ql, "_mma_cache") == wgmma_applies(2048, 128, x, None)
