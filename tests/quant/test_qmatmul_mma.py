@@ -111,6 +111,13 @@ def test_bad_inputs_raise(device):
         unpack_int4_mma(packed, 300)
     with pytest.raises(ValueError, match="needs K"):
         qmatmul.dequantize_weight(packed, ql.scales, None, 4)
+    # a wgmma config where that kernel does not apply (fp32 x here; everywhere off Hopper): refused, no fallback
+    from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies
+    assert not wgmma_applies(256, 128, x, None)
+    assert not wgmma_applies(256, 128, x.half(), torch.zeros(8, 2, device=device))  # zero points
+    assert not wgmma_applies(256, 64, x.half(), None)  # groups split a unit
+    with pytest.raises(ValueError, match="wgmma kernel"):
+        quant_matmul(x, packed, ql.scales, None, bits=4, config=dict(BLOCK_M=256, STAGES=3, SPLIT_K=1))
 
 
 def test_quantized_linear_packs_once_and_again_after_a_change(device):
