@@ -320,7 +320,7 @@ def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -
         return out
 
     key = (m_bucket(M), N, K, group_size, zeros is not None, bias is not None, x2.dtype)
-    # above M = 64 the warp-specialized wgmma kernel joins the candidates where it applies (H100: 0.82-1.27x
+    # above M = 64 the warp-specialized wgmma kernel joins the candidates where it applies (H100: 0.94-1.33x
     # cuBLAS at M = 256, against 0.66-0.97x for the Triton fragment kernel; quant_notes.md)
     candidates = mma_configs(M) + (wgmma_configs() if M > 64 and wgmma else [])
     return run(config if config is not None else pick_config("qmm_mma", key, candidates, run))

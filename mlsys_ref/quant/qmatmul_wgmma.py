@@ -1,20 +1,24 @@
-"""W4A16 at large M on Hopper's wgmma: two warpgroups taking turns on the tensor cores (Gluon, GPU only).
+"""W4A16 at large M on Hopper's wgmma: warpgroups taking turns on the tensor cores (Gluon, GPU only).
 
 Paper: Marlin (Frantar, Castro, Chen, Hoefler, Alistarh 2024, arXiv:2408.11743), §3 (the weight in fragment
 order, dequantized in registers straight into the MMA operand), on Hopper's asynchronous warpgroup MMA as
 CUTLASS's mixed-input "ping-pong" GEMMs feed it: the weight is the *register* operand (its rows fill the MMA's
-M slot, 64 per warpgroup) and x the shared-memory operand, all M <= 256 tokens of it in one tile brought by
-TMA, so each weight is dequantized once per tile.
+M slot, 64 per warpgroup) and x the shared-memory operand, a tile of BLOCK_M tokens brought by TMA.
 
 The one idea to notice: a warpgroup cannot overlap its own bit work with its own MMAs here. A wgmma reads its
 register operand asynchronously, and ptxas gives the next unit's operand the same registers (measured: with
 the MMAs left in flight across iterations the results were wrong), so each warpgroup must wait for its MMAs
-before it dequantizes the next unit. Two warpgroups that do *not* wait for each other hide it instead: while
-one does bit work the other's MMAs run. So the kernel is warp-specialized: a one-warp producer streams x's
-tiles by TMA into a ring of shared-memory stages, and two consumer warpgroups (64 weight rows each) take every
-stage, each at its own pace, releasing it through an mbarrier that counts both. No CTA-wide barrier in the
-loop: that lockstep is what the plain-Triton GEMM (``qmatmul_kernels._qgemm_kernel``) and a first version of
-this kernel had (0.75-0.80x cuBLAS at 11008 x 4096, against 0.82x here; quant_notes.md has the numbers).
+before it dequantizes the next unit. Warpgroups that do *not* wait for each other hide it instead: while one
+does bit work the others' MMAs run. So the kernel is warp-specialized: a one-warp producer streams x's tiles
+by TMA into a ring of shared-memory stages, and CONSUMERS warpgroups (64 weight rows each) take every stage,
+each at its own pace, releasing it through an mbarrier that counts them all. No CTA-wide barrier in the loop:
+that lockstep is what the plain-Triton GEMM (``qmatmul_kernels._qgemm_kernel``) had.
+
+Two costs set the tile (H100, quant_notes.md). Every tile of 64·CONSUMERS weight rows streams all of x from
+the L2, so x crosses it N / (64·CONSUMERS) times, and that traffic, not the MMAs, capped two consumers of
+256 tokens at ~3.7 TB/s; three consumers of 128 tokens read x a third less often, at the price of
+dequantizing each weight tile once per 128 tokens (11008 x 4096: 0.82x -> 1.02x cuBLAS). And a unit's MMAs
+can take less than a load's latency, so each warpgroup keeps the weight words of DEPTH units in flight.
 
 Layout: the fragment order of :mod:`mlsys_ref.quant.qmatmul_mma` (``pack_int4_mma``): a lane's 16-byte load
 per row and unit is exactly its wgmma register fragment, and the rows are loaded in (h, slab, g) order so the
@@ -46,9 +50,6 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-ROWS = gl.constexpr(128) if HAS_GLUON else 128  # weight rows per program: two consumer warpgroups of 64
-
-
 def wgmma_applies(K: int, group_size: int, x: torch.Tensor, zeros: torch.Tensor | None) -> bool:
     """Whether the kernel covers this product (fragment-order int4 weight; the caller validated the formats)."""
     return (HAS_GLUON and not is_interpreter() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
@@ -57,10 +58,13 @@ def wgmma_applies(K: int, group_size: int, x: torch.Tensor, zeros: torch.Tensor 
 
 
 def wgmma_configs() -> list[dict]:
-    """(BLOCK_M tokens, STAGES of x in shared memory, SPLIT_K). H100 sweep at M = 256 (triton 3.6): 3 stages,
-    split-K 3 at 11008 x 4096 (52.3 us), 4 at 4096 x 4096 and 4096 x 11008 (22.0 and 41.5 us)."""
-    table = [(256, 3, 4), (256, 3, 3), (256, 3, 2), (256, 3, 1), (128, 4, 4)]
-    return [dict(BLOCK_M=m, STAGES=s, SPLIT_K=k) for m, s, k in table]
+    """(BLOCK_M tokens, STAGES of x in shared memory, SPLIT_K, CONSUMERS warpgroups of 64 weight rows, DEPTH:
+    units of weight words in flight ahead). H100 sweep at M = 256 (triton 3.6, quant_notes.md): 3 x 64 rows by
+    128 tokens, no split, 2 ahead at 11008 x 4096 (42.1 us, 1.02x cuBLAS); the same with split-K 3 and 1 ahead at
+    4096 x 4096 (20.5 us, 0.96x); 2 x 64 rows by 256 tokens, split-K 4 at 4096 x 11008 (40.9 us, 1.36x)."""
+    table = [(128, 4, 1, 3, 2), (128, 4, 3, 3, 1), (128, 4, 2, 3, 1), (128, 4, 2, 2, 2), (256, 3, 4, 2, 1),
+             (256, 3, 1, 2, 2)]
+    return [dict(BLOCK_M=m, STAGES=s, SPLIT_K=k, CONSUMERS=c, DEPTH=d) for m, s, k, c, d in table]
 
 
 @gluon.jit
@@ -73,11 +77,19 @@ def _unit_operand(p, s_raw, word, ASM: gl.constexpr, DTYPE: gl.constexpr):
 
 
 @gluon.jit
+def _unit_loads(w_ptrs, s_ptrs, u, live, row_live, stride_sg, GROUP_UNITS: gl.constexpr):
+    """Unit u's words [64, 16] and its group's scales [64] (``live``: the unit exists; ``row_live``: the rows)."""
+    g = 0 if GROUP_UNITS == 0 else u // GROUP_UNITS
+    return (gl.load(w_ptrs + u * 16, mask=row_live[:, None] & live, other=0),
+            gl.load(s_ptrs + g * stride_sg, mask=row_live & live, other=0))
+
+
+@gluon.jit
 def _consumer(x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n, stride_wn,
-              stride_sn, stride_sg, stride_om, stride_os, pid_k, HALF: gl.constexpr, IS_BF16: gl.constexpr,
+              stride_sn, stride_sg, stride_om, stride_os, pid_k, PART: gl.constexpr, IS_BF16: gl.constexpr,
               GROUP_UNITS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
-              STAGES: gl.constexpr):
-    """One warpgroup, weight rows [64·HALF, 64·HALF + 64) of the tile. Per unit: dequantize into registers, eight
+              STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DEPTH: gl.constexpr):
+    """One warpgroup, weight rows [64·PART, 64·PART + 64) of the tile. Per unit: dequantize into registers, eight
     wgmmas, wait for them (the operand registers are reused next), release the x stage to the producer."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -85,23 +97,20 @@ def _consumer(x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, c
     words: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
                                            order=[1, 0])
     rho = gl.arange(0, 64, layout=gl.SliceLayout(1, words))  # loaded row rho = (h, slab, g)
-    rows = pid_n * ROWS + HALF * 64 + 16 * ((rho // 8) % 4) + 8 * (rho // 32) + rho % 8
+    rows = pid_n * (64 * CONSUMERS) + PART * 64 + 16 * ((rho // 8) % 4) + 8 * (rho // 32) + rho % 8
     row_live = rows < N
     word = gl.arange(0, 16, layout=gl.SliceLayout(0, words))
     w_ptrs = w_ptr + rows.to(gl.int64)[:, None] * stride_wn + word[None, :]
     s_ptrs = s_ptr + rows * stride_sn
-    live2 = row_live[:, None] & (word < 16)[None, :]
     acc = gl.zeros([64, BLOCK_M], gl.float32, layout=mma)
-    p = gl.load(w_ptrs + first * 16, mask=live2, other=0)
-    g = 0 if GROUP_UNITS == 0 else first // GROUP_UNITS
-    s_raw = gl.load(s_ptrs + g * stride_sg, mask=row_live, other=0)
+    p, s_raw = _unit_loads(w_ptrs, s_ptrs, first, count > 0, row_live, stride_sg, GROUP_UNITS)
+    if DEPTH == 2:
+        p_ahead, s_ahead = _unit_loads(w_ptrs, s_ptrs, first + 1, count > 1, row_live, stride_sg, GROUP_UNITS)
     for i in range(count):
         u = first + i
-        # the next unit's words and scales, in flight while this one's bit work and MMAs run
-        more = i + 1 < count
-        p_next = gl.load(w_ptrs + (u + 1) * 16, mask=live2 & more, other=0)
-        g = 0 if GROUP_UNITS == 0 else (u + 1) // GROUP_UNITS
-        s_next = gl.load(s_ptrs + g * stride_sg, mask=row_live & more, other=0)
+        # the words and scales of the unit DEPTH ahead, in flight while this one's bit work and MMAs run (one unit
+        # ahead arrives late when a unit takes less than a load's latency: 11008 x 4096 at 64 x 128 per warpgroup)
+        p_next, s_next = _unit_loads(w_ptrs, s_ptrs, u + DEPTH, i + DEPTH < count, row_live, stride_sg, GROUP_UNITS)
         if IS_BF16:  # (a string or dtype cannot be a partition's argument in triton 3.6: chosen here)
             a = gl.convert_layout(_unit_operand(p, s_raw, word, _ASM_BF16, gl.bfloat16), a_layout)
         else:
@@ -111,9 +120,12 @@ def _consumer(x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, c
         acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, use_acc=i > 0, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         mbarrier.arrive(empty.index(stage), count=1)
-        p = p_next
-        s_raw = s_next
-    offs_n = pid_n * ROWS + HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+        if DEPTH == 2:
+            p, s_raw = p_ahead, s_ahead
+            p_ahead, s_ahead = p_next, s_next
+        else:
+            p, s_raw = p_next, s_next
+    offs_n = pid_n * (64 * CONSUMERS) + PART * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     tile = offs_m.to(gl.int64)[None, :] * stride_om + offs_n[:, None]  # out [M, N]: yᵀ
@@ -127,7 +139,7 @@ def _consumer(x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, c
 
 @gluon.jit
 def _producer(x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: x's [BLOCK_M, 128] tiles by TMA, each stage refilled once both warpgroups have released it."""
+    """One warp: x's [BLOCK_M, 128] tiles by TMA, each stage refilled once every consumer has released it."""
     for i in range(count):
         stage = i % STAGES
         mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1, pred=i >= STAGES)
@@ -139,9 +151,10 @@ def _producer(x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M: gl.con
 @gluon.jit
 def _wgmma_kernel(x_desc, w_ptr, s_ptr, b_ptr, out_ptr, M, N, units, units_per_split, stride_wn, stride_sn,
                   stride_sg, stride_om, stride_os, IS_BF16: gl.constexpr, GROUP_UNITS: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """yᵀ tile [128, BLOCK_M] = Σ_units Ŵ_unit x_unitᵀ over this program's share of the units (>= 1, see
-    wgmma_splits); the default partition and one worker are the two consumers, a second worker the producer."""
+                  HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                  CONSUMERS: gl.constexpr, DEPTH: gl.constexpr):
+    """yᵀ tile [64·CONSUMERS, BLOCK_M] = Σ_units Ŵ_unit x_unitᵀ over this program's share of the units (>= 1, see
+    wgmma_splits); the default partition and CONSUMERS - 1 workers are the consumers, a last worker the producer."""
     pid_m, pid_n, pid_k = gl.program_id(0), gl.program_id(1), gl.program_id(2)
     first = pid_k * units_per_split
     count = gl.minimum(units_per_split, units - first)
@@ -150,15 +163,29 @@ def _wgmma_kernel(x_desc, w_ptr, s_ptr, b_ptr, out_ptr, M, N, units, units_per_s
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # both consumers release each stage
-    gl.warp_specialize([(_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m,
-                                     pid_n, stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16,
-                                     GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES)),
-                        (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m,
-                                     pid_n, stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16,
-                                     GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES)),
-                        (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
-                       [4, 1], [232, 40])
+        mbarrier.init(empty.index(s), count=CONSUMERS)  # every consumer releases each stage
+    # (triton 3.6 takes the partitions as a literal list: one call per CONSUMERS)
+    if CONSUMERS == 2:  # up to 64 x 256 fp32 accumulators: 232 registers a consumer thread
+        gl.warp_specialize([(_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16,
+                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+                            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16,
+                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+                            (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
+                           [4, 1], [232, 40])
+    else:
+        gl.warp_specialize([(_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16,
+                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+                            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16,
+                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+                            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 2, IS_BF16,
+                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+                            (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
+                           [4, 4, 1], [152, 152, 40])
 
 
 def wgmma_splits(K: int, config: dict) -> tuple[int, int]:
@@ -175,13 +202,16 @@ def wgmma_launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     [splits, M, N] (bias not added). The caller validated the formats and checked :func:`wgmma_applies`."""
     M, K = x2.shape
     N = packed.shape[0]
+    consumers, depth = config.get("CONSUMERS", 2), config.get("DEPTH", 1)
+    if consumers not in (2, 3) or depth not in (1, 2) or config["BLOCK_M"] not in (128, 256):
+        raise ValueError(f"wgmma config {config}: CONSUMERS must be 2 or 3, DEPTH 1 or 2, BLOCK_M 128 or 256")
     per_split, split = wgmma_splits(K, config)
     dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     block = [config["BLOCK_M"], 128]
     desc = TensorDescriptor.from_tensor(x2, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
-    _wgmma_kernel[(triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, ROWS), split)](
+    _wgmma_kernel[(triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, 64 * consumers), split)](
         desc, packed, scales, bias if bias is not None else target, target, M, N, triton.cdiv(K, 128), per_split,
         packed.stride(0), scales.stride(0), scales.stride(1), target.stride(-2), target.stride(0) if split > 1 else 0,
         IS_BF16=x2.dtype == torch.bfloat16, GROUP_UNITS=0 if group_size >= K else group_size // 128,
         HAS_BIAS=bias is not None and split == 1, SPLIT_K=split, BLOCK_M=config["BLOCK_M"], STAGES=config["STAGES"],
-        num_warps=4)
+        CONSUMERS=consumers, DEPTH=depth, num_warps=4)

@@ -220,6 +220,22 @@ def test_gpu_wgmma_every_config(M, N, K, group, dtype, with_bias):
 
 
 @pytest.mark.gpu
+def test_gpu_wgmma_refuses_an_unknown_config():
+    """CONSUMERS (warpgroups of 64 rows), DEPTH (units of weight words in flight) and BLOCK_M outside the compiled
+    set are refused with ValueError, not launched."""
+    from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies
+    ql = make_layer(200, 512, 128, True, "cuda", scale_dtype=torch.bfloat16)
+    x = torch.randn(100, 512, device="cuda", dtype=torch.bfloat16)
+    if not wgmma_applies(512, 128, x, None):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    packed = pack_int4_mma(ql.qweight)
+    for bad in (dict(CONSUMERS=4), dict(DEPTH=3), dict(BLOCK_M=64)):
+        config = dict(dict(BLOCK_M=128, STAGES=4, SPLIT_K=1, CONSUMERS=3, DEPTH=2), **bad)
+        with pytest.raises(ValueError, match="CONSUMERS must be 2 or 3"):
+            quant_matmul(x, packed, ql.scales, None, bits=4, config=config)
+
+
+@pytest.mark.gpu
 def test_gpu_module_at_m256_runs_the_fragment_layout():
     """On Hopper the module takes the fragment layout at M = 256 (the wgmma kernel among the tuner's candidates),
     elsewhere the row-major codes; right either way."""
