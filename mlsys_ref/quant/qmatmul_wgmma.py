@@ -164,28 +164,30 @@ def _wgmma_kernel(x_desc, w_ptr, s_ptr, b_ptr, out_ptr, M, N, units, units_per_s
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=CONSUMERS)  # every consumer releases each stage
-    # (triton 3.6 takes the partitions as a literal list: one call per CONSUMERS)
+    # one call per CONSUMERS: triton 3.6 takes the partitions as literal tuples (a tuple built in a variable, or
+    # by concatenation, loses its constexprs)
     if CONSUMERS == 2:  # up to 64 x 256 fp32 accumulators: 232 registers a consumer thread
-        gl.warp_specialize([(_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
-                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16,
-                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
-                            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
-                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16,
-                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
-                            (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
-                           [4, 1], [232, 40])
+        gl.warp_specialize([
+            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16, GROUP_UNITS,
+                         HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16, GROUP_UNITS,
+                         HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+            (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))], [4, 1], [232, 40])
     else:
-        gl.warp_specialize([(_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
-                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16,
-                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
-                            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
-                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16,
-                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
-                            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
-                                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 2, IS_BF16,
-                                         GROUP_UNITS, HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
-                            (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
-                           [4, 4, 1], [152, 152, 40])
+        gl.warp_specialize([
+            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 0, IS_BF16, GROUP_UNITS,
+                         HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 1, IS_BF16, GROUP_UNITS,
+                         HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+            (_consumer, (x_smem, ready, empty, w_ptr, s_ptr, b_ptr, out_ptr, N, M, first, count, pid_m, pid_n,
+                         stride_wn, stride_sn, stride_sg, stride_om, stride_os, pid_k, 2, IS_BF16, GROUP_UNITS,
+                         HAS_BIAS, SPLIT_K, BLOCK_M, STAGES, CONSUMERS, DEPTH)),
+            (_producer, (x_desc, x_smem, ready, empty, first, count, pid_m, BLOCK_M, STAGES))],
+            [4, 4, 1], [152, 152, 40])
 
 
 def wgmma_splits(K: int, config: dict) -> tuple[int, int]:
