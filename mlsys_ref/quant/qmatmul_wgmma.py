@@ -17,8 +17,8 @@ that lockstep is what the plain-Triton GEMM (``qmatmul_kernels._qgemm_kernel``) 
 Two costs set the tile (H100, quant_notes.md). Every tile of 64·CONSUMERS weight rows streams all of x from
 the L2, so x crosses it N / (64·CONSUMERS) times, and that traffic, not the MMAs, capped two consumers of
 256 tokens at ~3.7 TB/s; three consumers of 128 tokens read x a third less often, at the price of
-dequantizing each weight tile once per 128 tokens (11008 x 4096: 0.82x -> 1.02x cuBLAS). And a unit's MMAs
-can take less than a load's latency, so each warpgroup keeps the weight words of DEPTH units in flight.
+dequantizing each weight tile once per 128 tokens (11008 x 4096: 0.82x -> 0.98-1.02x cuBLAS). And a unit's
+MMAs can take less than a load's latency, so each warpgroup keeps the weight words of DEPTH units in flight.
 
 Layout: the fragment order of :mod:`mlsys_ref.quant.qmatmul_mma` (``pack_int4_mma``): a lane's 16-byte load
 per row and unit is exactly its wgmma register fragment, and the rows are loaded in (h, slab, g) order so the
