@@ -6,10 +6,13 @@
    microseconds (median, p20, p80), effective weight bandwidth (bytes of the quantized weight --
    codes + scales -- per second), its percent of the device-to-device copy bandwidth measured in this
    run, and the speed-up over ``torch.nn.functional.linear`` in bf16 (cuBLAS), measured in the same run.
-   W4A16 runs from two storage orders of the same codes: row-major ("W4A16 g128", as QuantizedLinear stores
+   W4A16 runs from three storage orders of the same codes: row-major ("W4A16 g128", as QuantizedLinear stores
    them: at M = 1 the tuner's pick of the FMA GEMV and the tensor-core GEMV of ``qmatmul_gemv_tc``, the
-   row-major GEMM above) and tensor-core fragment order ("W4A16 g128 fragment", ``pack_int4_mma``: what
-   QuantizedLinear runs for 2 <= M <= 64).
+   row-major GEMM above), tensor-core fragment order ("W4A16 g128 fragment", ``pack_int4_mma``: what
+   QuantizedLinear runs for 2 <= M <= 64) and, at M = 1, the tensor-core GEMV's slab order ("W4A16 g128 slabs",
+   ``pack_gemv_slabs``: what QuantizedLinear runs at M = 1 on the GPU; "+ PDL": the same kernel launched with
+   programmatic dependent launch, which pays only when GEMVs run back to back, as in this timing loop -- not
+   the default, and not judged).
    Each kernel's output is checked against dequantize-then-matmul before it is timed.
    Timing: one CUDA graph replays the op over enough *copies* of the weight to overflow the 50 MB L2
    (a 8 MB int4 weight would otherwise be read from L2), so launch overhead and L2 hits hide nothing.
@@ -40,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from mlsys_ref.quant import qmatmul_dispatch  # noqa: E402
+from mlsys_ref.quant import qmatmul_dispatch, qmatmul_gemv_tc  # noqa: E402
 from mlsys_ref.quant.linear import QuantizedLinear  # noqa: E402
 from mlsys_ref.quant.qmatmul import pack_int4_mma, quant_matmul, quant_matmul_eager, quant_matmul_reference  # noqa: E402
+from mlsys_ref.quant.qmatmul_gemv_tc import pack_gemv_slabs, tc_gemv_applies  # noqa: E402
 from mlsys_ref.quant.qmatmul_tune import tuned_configs  # noqa: E402
 from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, rms_norm, rms_norm_quantize_per_token, w8a8_linear,  # noqa: E402
                                           w8a8_linear_reference, w8a8_matmul)
@@ -73,6 +77,17 @@ def graph_time_us(op, copies: int) -> tuple[float, float, float]:
 
 
 READ = "int4 codes, read only"  # the ceiling row: the W4A16 codes streamed with no arithmetic
+SLABS = "W4A16 g128 slabs"  # the tensor-core GEMV from its slab order (pack_gemv_slabs), QuantizedLinear's M = 1 path
+SLABS_PDL = "W4A16 g128 slabs + PDL"  # the same with programmatic dependent launch (qmatmul_gemv_tc.USE_PDL)
+
+
+def with_pdl(function, *args, **kwargs):
+    """function(...) with the GEMV launched with programmatic dependent launch (not the default: see USE_PDL)."""
+    previous, qmatmul_gemv_tc.USE_PDL = qmatmul_gemv_tc.USE_PDL, True
+    try:
+        return function(*args, **kwargs)
+    finally:
+        qmatmul_gemv_tc.USE_PDL = previous
 
 
 @triton.jit
@@ -122,12 +137,15 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
     w8 = QuantizedLinear.from_linear(linear, 8, None, symmetric=True, scale_dtype=torch.bfloat16)  # per channel
     W = linear.weight.detach().to(torch.bfloat16)
     w4_mma = pack_int4_mma(w4.qweight)  # the same codes in tensor-core fragment order (qmatmul_mma)
+    w4_slabs = pack_gemv_slabs(w4.qweight)  # ... and in the tensor-core GEMV's slab order (M = 1)
     del linear
     formats = {  # name: (tensors of one weight copy, bytes read per call)
         "bf16 cuBLAS": ((W,), nbytes(W)),
         "W8A16": ((w8.qweight, w8.scales), nbytes(w8.qweight, w8.scales)),
         "W4A16 g128": ((w4.qweight, w4.scales), nbytes(w4.qweight, w4.scales)),
         "W4A16 g128 fragment": ((w4_mma, w4.scales), nbytes(w4_mma, w4.scales)),
+        SLABS: ((w4_slabs, w4.scales), nbytes(w4_slabs, w4.scales)),
+        SLABS_PDL: ((w4_slabs, w4.scales), nbytes(w4_slabs, w4.scales)),
         "W8A8": ((w8.qweight, w8.scales), nbytes(w8.qweight, w8.scales)),
         "W8A8 GEMM only": ((w8.qweight, w8.scales), nbytes(w8.qweight, w8.scales)),
         "bf16 RMSNorm + cuBLAS": ((W,), nbytes(W)),
@@ -154,12 +172,16 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
         }
         if M == 1:  # the bandwidth ceiling of this harness, for the GEMV's bandwidth row
             ops[READ] = lambda c: stream_read(c[0])
+            if tc_gemv_applies(4, K, 128, x.dtype):  # what QuantizedLinear runs at M = 1
+                ops[SLABS] = lambda c: quant_matmul(x, c[0], c[1], bits=4)
+                ops[SLABS_PDL] = lambda c: with_pdl(quant_matmul, x, c[0], c[1], bits=4)
         # -- correctness first: each kernel against dequantize-then-matmul (or W8A8's own reference);
         # a kernel that fails is reported (FAILURES, non-zero exit) and not timed, the others still are
         checks = {
             "W8A16": lambda: check_weight_only(ops["W8A16"](formats["W8A16"][0]), x, w8, f"W8A16 M={M} N={N} K={K}"),
             "W4A16 g128": lambda: check_weight_only(ops["W4A16 g128"](formats["W4A16 g128"][0]), x, w4,
                                                     f"W4A16 M={M} N={N} K={K}"),
+            SLABS: lambda: check_weight_only(ops[SLABS](formats[SLABS][0]), x, w4, f"W4A16 slabs M={M} N={N} K={K}"),
             "W4A16 g128 fragment": lambda: check_weight_only(ops["W4A16 g128 fragment"](formats["W4A16 g128 fragment"][0]),
                                                              x, w4, f"W4A16 fragment M={M} N={N} K={K}"),
             "W8A8": lambda: assert_close(ops["W8A8"](formats["W8A8"][0]), w8a8_linear_reference(x, w8.qweight, w8.scales),
@@ -171,6 +193,8 @@ def kernel_rows(N: int, K: int, Ms: list[int], copy_tbps: float) -> list[dict]:
         }
         failed = set()
         for name, check in checks.items():
+            if name not in ops:
+                continue
             try:
                 check()
             except Exception as error:  # an assertion, or a kernel that does not compile/launch
@@ -275,10 +299,10 @@ def decode_rows(layers: int, **sizes) -> list[dict]:
 
 BASELINE = {"W8A8 + quant fused in RMSNorm": "bf16 RMSNorm + cuBLAS"}  # a row's bf16 counterpart (default: bf16 cuBLAS)
 # (kernels, M, floor, target) on the speed-up over bf16. W4A16 is judged on the path QuantizedLinear takes
-# (qmatmul_dispatch.quantized_linear): at M = 1 the row-major codes where the tensor-core GEMV applies (else the
-# faster layout, timed; judging the faster of the two covers both), the fragment layout for 2 <= M <= 64, row-major
-# above; the md table has both layouts at every M.
-W4_M1 = ("W4A16 g128", "W4A16 g128 fragment")
+# (qmatmul_dispatch.quantized_linear): at M = 1 the slab order where the tensor-core GEMV applies (else the faster
+# of row-major and fragment order, timed; judging the fastest of the three covers both), the fragment layout for
+# 2 <= M <= 64, row-major above; the md table has every layout at every M it runs.
+W4_M1 = ("W4A16 g128", "W4A16 g128 fragment", SLABS)
 TARGETS = [
     (W4_M1, 1, 2.5, 3.5), (("W8A16",), 1, 1.6, 1.9), (("W4A16 g128 fragment",), 16, 2.0, 3.0),
     (W4_M1, 256, 0.9, 1.0), (("W8A8",), 256, 1.3, 1.7), (("W8A8 GEMM only",), 256, 1.3, 1.7),

@@ -74,7 +74,8 @@ import torch
 from mlsys_ref.backend import (check_kernel_device, default_device, is_interpreter, require_triton, tl,
                                tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
-from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv, tc_gemv_applies, tc_gemv_configs
+from mlsys_ref.quant.qmatmul_gemv_tc import (gemv_slabs_shape, tc_gemv, tc_gemv_applies, tc_gemv_configs,
+                                              unpack_gemv_slabs)
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
 from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, mma_words, pack_int4_mma, unpack_int4_mma
 from mlsys_ref.quant.qmatmul_ptx import lop3_ptx, nibble_ptx
@@ -142,11 +143,20 @@ def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, in
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8 for the Triton kernels, got {bits!r} (int3 etc.: PyTorch path)")
     K = x.shape[-1]
-    if qweight.dim() != 2:
-        raise ValueError(f"qweight must be 2-D [N, K/2] (int4) or [N, K] (int8), got {tuple(qweight.shape)}")
-    N = qweight.shape[0]
+    if bits == 4 and qweight.dtype == torch.int32 and qweight.dim() == 4:  # the GEMV's slab order: N from scales
+        N = scales.shape[0] if scales.dim() == 2 else -1
+        if tuple(qweight.shape) != gemv_slabs_shape(N, K):
+            raise ValueError(f"int4 qweight in slab order (pack_gemv_slabs) must be int32 {gemv_slabs_shape(N, K)} for "
+                             f"N = scales.shape[0] = {N}, K = x.shape[-1] = {K}, got {tuple(qweight.shape)}")
+        if x.numel() != K:
+            raise ValueError(f"int4 qweight in slab order (pack_gemv_slabs) is for one row x (M = 1); got x of "
+                             f"shape {tuple(x.shape)}: use the row-major codes or pack_int4_mma for M > 1")
+    elif qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D [N, K/2] (int4) or [N, K] (int8), or 4-D from pack_gemv_slabs, "
+                         f"got {tuple(qweight.shape)}")
+    N = scales.shape[0] if qweight.dim() == 4 else qweight.shape[0]
     words = mma_words(K)  # per row of the fragment layout (pack_int4_mma)
-    if bits == 4 and qweight.dtype == torch.int32 and qweight.shape[1] != words:
+    if bits == 4 and qweight.dtype == torch.int32 and qweight.dim() == 2 and qweight.shape[1] != words:
         raise ValueError(f"int4 qweight in fragment order (pack_int4_mma) must be int32 [N, {words}] for "
                          f"K = x.shape[-1] = {K}, got {tuple(qweight.shape)}")
     if bits == 4 and qweight.dtype != torch.int32 and (qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K):
@@ -164,7 +174,8 @@ def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, in
     if group_size < K and group_size % min_block:
         raise ValueError(f"group_size={group_size} must be a multiple of {min_block} for the int{bits} kernels")
     if qweight.dtype == torch.int32 and group_size < K and group_size % UNIT:
-        raise ValueError(f"group_size={group_size} must be a multiple of {UNIT} (or all of K) for the fragment layout")
+        raise ValueError(f"group_size={group_size} must be a multiple of {UNIT} (or all of K) for the fragment "
+                         f"layout and the slab order")
     if perm is not None and (perm.dtype != torch.int64 or perm.shape != (K,)):
         raise ValueError(f"perm must be None or int64 [K={K}], got {perm.dtype} {tuple(perm.shape)}")
     if bias is not None and bias.shape != (N,):
@@ -181,7 +192,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     """x2 [M, K] (already permuted) -> y [M, N] in x2's dtype; ``config`` pins the tile choice (tests)."""
     require_triton("quant_matmul")
     M, K = x2.shape
-    N, x_dtype = qweight.shape[0], x2.dtype
+    N, x_dtype = scales.shape[0], x2.dtype  # scales are [N, G] in every order of the codes
     out = torch.empty(M, N, device=x2.device, dtype=x_dtype)
     if M == 0:
         return out
@@ -195,6 +206,8 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
         scales, zeros = scales.contiguous(), zeros.contiguous()
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     b = bias.contiguous() if bias is not None else out
+    if qweight.dim() == 4:  # slab order (pack_gemv_slabs): the tensor-core GEMV only
+        return _launch_slabs(x2, qweight, scales, zeros, bias, group_size, out, config)
     if qweight.dtype == torch.int32:  # fragment order (qmatmul_mma): its own kernel, for every M
         return _launch_mma(x2, qweight, scales, zeros, bias, group_size, out, config)
     min_block = 32 if bits == 4 else 16
@@ -209,9 +222,7 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     gemv = M == 1 and _words_fit(qweight, K, bits)
     if gemv:
         w32 = qweight.view(torch.int32)  # [N, K/8] (int4) or [N, K/4] (int8): 8 or 4 codes per word
-        xv = x2[0]  # 16-bit x read as int32 words [K/2], as in the GEMM
-        if x_dtype != torch.float32:
-            xv = (xv if xv.stride(0) == 1 and xv.storage_offset() % 2 == 0 else xv.contiguous()).view(torch.int32)
+        xv = x2[0] if x_dtype == torch.float32 else _gemv_x_words(x2[0])  # 16-bit x as int32 words, as in the GEMM
 
     # GPU: each code -> float in one LOP3 by inline PTX (the interpreter runs the same bits in plain Triton)
     lop3_lo = "" if is_interpreter() else lop3_ptx(0x00078000 if bits == 4 else 0x007F8000, 0x43800000)  # 256 + u
@@ -293,6 +304,30 @@ def _launch(x2, qweight, scales, zeros, bits, bias, group_size, config=None) -> 
     return run(pick_config("qmm", key, candidates, run))
 
 
+def _gemv_x_words(x: torch.Tensor) -> torch.Tensor:
+    """One 16-bit row x [K] read as int32 words [K/2] (what the GEMVs load)."""
+    return (x if x.stride(0) == 1 and x.storage_offset() % 2 == 0 else x.contiguous()).view(torch.int32)
+
+
+def _launch_slabs(x2, slabs, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:
+    """The slab order (pack_gemv_slabs): what QuantizedLinear runs at M = 1 where the tensor-core GEMV applies."""
+    K = x2.shape[1]
+    if not tc_gemv_applies(4, K, group_size, x2.dtype):
+        raise ValueError("int4 qweight in slab order (pack_gemv_slabs) runs only on the tensor-core GEMV "
+                         "(qmatmul_gemv_tc: GPU with Gluon, 16-bit x, K % 32 == 0, groups of whole 128-code units)")
+    if zeros is not None and zeros.stride() != scales.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    xv = _gemv_x_words(x2[0])
+    b = None if bias is None else bias.contiguous()
+
+    def run(cfg: dict) -> torch.Tensor:
+        tc_gemv(xv, slabs, scales, zeros, b, out[0], K, group_size, cfg)
+        return out
+
+    key = ("slabs", out.shape[1], K, group_size, zeros is not None, bias is not None, x2.dtype)
+    return run(config if config is not None else pick_config("qmm_slabs", key, tc_gemv_configs(), run))
+
+
 def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:
     """The fragment-layout kernels: qmatmul_mma's (every backend) and, on Hopper, qmatmul_wgmma's (a config naming
     STAGES). Split-K partials are summed by the last program of a tile to arrive (config LAST = 1, qmatmul_mma
@@ -360,8 +395,12 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                       K: int | None = None) -> torch.Tensor:
     """Ŵ_stored [N, K] in fp32 from the storage format (int4 symmetric codes are stored +8); the fragment
-    layout (int32, from pack_int4_mma) is padded, so it needs K."""
-    if qweight.dtype == torch.int32:
+    layout (int32, from pack_int4_mma) and the slab order (pack_gemv_slabs) are padded, so they need K."""
+    if qweight.dim() == 4:
+        if K is None:
+            raise ValueError("dequantize_weight needs K for a qweight in slab order (pack_gemv_slabs)")
+        qweight = unpack_gemv_slabs(qweight, scales.shape[0], K)
+    elif qweight.dtype == torch.int32:
         if K is None:
             raise ValueError("dequantize_weight needs K for a qweight in fragment order (pack_int4_mma)")
         qweight = unpack_int4_mma(qweight, K)

@@ -8,11 +8,13 @@ and raise on a format they do not cover instead of falling back.
 The one idea to notice: the layout is a measured choice, not a rule. int4 codes in tensor-core fragment
 order (Marlin, Frantar et al. 2024, §3; :mod:`mlsys_ref.quant.qmatmul_mma`) win for 2 <= M <= 64 on the
 H100 and, through the warp-specialized wgmma kernel (:mod:`mlsys_ref.quant.qmatmul_wgmma`), at M = 256; at
-M = 1 the tensor-core GEMV on the row-major codes (:mod:`mlsys_ref.quant.qmatmul_gemv_tc`, GPU only) wins;
-where that one does not apply, the two layouts' tuned M = 1 kernels are timed once per shape and the faster
-is kept (``quantized_linear``). The module keeps the row-major codes (its storage format and state dict)
-and packs a cached fragment-order copy on first use of M > 1 in that layout, so a decode-only model on the
-GPU never holds the second copy.
+M = 1 the tensor-core GEMV (:mod:`mlsys_ref.quant.qmatmul_gemv_tc`, GPU only) wins, reading the codes in its
+own slab order (each 16-row x 128-code unit one 1 KB piece: 10-20% faster than from the row-major codes,
+quant_notes.md); where that one does not apply, the row-major and fragment layouts' tuned M = 1 kernels are
+timed once per shape and the faster is kept (``quantized_linear``). The module keeps the row-major codes (its
+storage format and state dict) and packs a cached copy in the order a kernel needs on first use -- fragment
+order for M > 1, slab order for M = 1 -- so the price of speed is memory: a decode-only model on the GPU holds
+two copies of the codes (1 byte a weight, as int8), a model that also prefills three.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, default_device, is_interpreter, triton
 from mlsys_ref.quant.qmatmul import quant_matmul
-from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies
+from mlsys_ref.quant.qmatmul_gemv_tc import pack_gemv_slabs, tc_gemv_applies
 from mlsys_ref.quant.qmatmul_mma import UNIT, pack_int4_mma
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, pick_config
 from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies
@@ -89,29 +91,40 @@ def mma_layout_applies(module, x: torch.Tensor) -> bool:
             or wgmma_applies(K, module.group_size, x.reshape(-1, K), module.zeros))
 
 
-def mma_qweight(module) -> torch.Tensor:
-    """The module's int4 codes in fragment order, packed on first use and cached on the module (a second copy
-    of the codes: 0.5 byte a weight); re-packed when qweight changes (in place, or moved to another device)."""
+def _cached_pack(module, attribute: str, pack, what: str) -> torch.Tensor:
+    """``pack(module.qweight)``, packed on first use and cached on the module as ``attribute``; re-packed when
+    qweight changes (in place, or moved to another device)."""
     qweight = module.qweight
-    cached = getattr(module, "_mma_cache", None)
+    cached = getattr(module, attribute, None)
     stamp = (qweight.data_ptr(), qweight._version, qweight.device)
     if cached is None or cached[0] != stamp:
         if qweight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("QuantizedLinear: run the layer once before capturing a CUDA graph (its int4 weight "
-                               "is packed into fragment order on first use)")
-        cached = module._mma_cache = (stamp, pack_int4_mma(qweight))
+            raise RuntimeError(f"QuantizedLinear: run the layer once before capturing a CUDA graph (its int4 weight "
+                               f"is packed into {what} on first use)")
+        cached = (stamp, pack(qweight))
+        setattr(module, attribute, cached)
     return cached[1]
 
 
+def mma_qweight(module) -> torch.Tensor:
+    """The module's int4 codes in fragment order (a second copy of the codes: 0.5 byte a weight)."""
+    return _cached_pack(module, "_mma_cache", pack_int4_mma, "fragment order")
+
+
+def slab_qweight(module) -> torch.Tensor:
+    """The module's int4 codes in the GEMV's slab order (pack_gemv_slabs; a copy of the codes: 0.5 byte a weight)."""
+    return _cached_pack(module, "_slab_cache", pack_gemv_slabs, "slab order")
+
+
 def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """The kernel path of QuantizedLinear.forward: int4 in fragment order where it applies. At M = 1 the row-major
-    codes, wherever the tensor-core GEMV (qmatmul_gemv_tc) covers the product: on the H100 it beat the fragment
-    kernel on every shape measured, and it needs no second copy of the codes. Elsewhere at M = 1 (no Gluon, or
-    K % 32 != 0) the two layouts' tuned kernels are timed once per shape and the faster is kept."""
+    """The kernel path of QuantizedLinear.forward: int4 in fragment order where it applies. At M = 1 the slab
+    order, wherever the tensor-core GEMV (qmatmul_gemv_tc) covers the product: on the H100 it beat the fragment
+    kernel and the row-major codes on every shape measured. Elsewhere at M = 1 (no Gluon, or K % 32 != 0) the
+    row-major and fragment layouts' tuned kernels are timed once per shape and the faster is kept."""
     bias = None if module.bias is None else module.bias.to(x.dtype)
 
     def run(layout: dict) -> torch.Tensor:
-        qweight = mma_qweight(module) if layout["LAYOUT"] == "fragment" else module.qweight
+        qweight = {"fragment": mma_qweight, "slabs": slab_qweight}.get(layout["LAYOUT"], lambda m: m.qweight)(module)
         return quant_matmul(x, qweight, module.scales, module.zeros, bits=module.bits, perm=module.perm, bias=bias)
 
     if not mma_layout_applies(module, x):
@@ -119,7 +132,7 @@ def quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
     if x.numel() // module.in_features > 1:
         return run(dict(LAYOUT="fragment"))
     if tc_gemv_applies(module.bits, module.in_features, module.group_size, x.dtype):
-        return run(dict(LAYOUT="row-major"))
+        return run(dict(LAYOUT="slabs"))
     key = (module.out_features, module.in_features, module.group_size, module.zeros is not None,
            module.bias is not None, x.dtype)
     return run(pick_config("qlinear_layout", key, [dict(LAYOUT="row-major"), dict(LAYOUT="fragment")], run))

@@ -1,4 +1,4 @@
-"""W4A16 at M = 1 on the tensor cores, read straight from the row-major int4 codes (Gluon, GPU only).
+"""W4A16 at M = 1 on the tensor cores, from the int4 codes in row-major or slab order (Gluon, GPU only).
 
 Paper: Marlin (Frantar, Castro, Chen, Hoefler, Alistarh 2024, arXiv:2408.11743), §3: at batch 1 the product is a
 stream of the weights, and the work per weight has to be small enough that the SMs keep up with HBM. Here each
@@ -17,7 +17,16 @@ second copy of the codes). x's matching pairs (x[8b + j], x[8b + j + 4]) are two
 The grid: one program per 16·SPW rows over all of K. Its W warps split K between them -- a batched MMA with
 warps along the batch -- and their partial sums meet once, in shared memory, at the end: split-K without a
 second kernel, without fp32 partials in global memory and without an arrival counter. Nothing in the loop
-touches shared memory or waits on a barrier; a warp's loads for UNITS units are issued before their first use.
+touches shared memory or waits on a barrier; a warp's loads run DEPTH units ahead of their use.
+
+What the bandwidth took (H100, quant_notes.md, twelfth session), beyond the arithmetic:
+- **Slab order** (``pack_gemv_slabs``): the same words, stored so that each 16-row x 128-code unit is one 1 KB
+  piece, [N/16, units, 16, 16]. From row-major codes a warp's unit is 16 pieces of 64 bytes, 2·K/8 bytes apart.
+  Alone: 12.4 and 12.4 µs at 11008 x 4096 and 4096 x 11008 (62% of copy), from 12.9 and 13.4 µs.
+- **Programmatic dependent launch** (Hopper, ``USE_PDL``, off by default: see there): the kernel issues its
+  first weight loads, then waits for the kernel before it (``griddepcontrol.wait``; only x can depend on it)
+  and at once lets the next one start, so GEMVs launched back to back overlap ramp and tail (the fixed cost
+  of a call was ~3.4 µs). With both: 10.3 and 10.9 µs (75% and 71% of copy).
 
 Why Gluon: plain Triton chooses the register layouts itself, and for one-warp MMAs its choice sends the operands
 through shared memory (measured 10-13 µs at 4096², quant_notes.md). Gluon states the layouts: the loads' blocked
@@ -30,7 +39,8 @@ tests check against the reference; the GPU tests check the kernel.
 
 Covers int4 with 16-bit x, scales per group of whole 128-code units (or per row), zero points, bias;
 K % 32 == 0 (a lane's 32-code block is wholly inside K or past it). Left out: int8 (bf16 cannot hold
-128 + a byte exactly), M > 1 (``qmatmul_mma``), Marlin's asynchronous copies (loads are issued UNITS deep).
+128 + a byte exactly), M > 1 (``qmatmul_mma``). Tried and lost: the first units copied into shared memory
+(cp.async) before the wait, each warp's k-loop rotated per program.
 """
 
 from __future__ import annotations
@@ -41,10 +51,16 @@ from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
 from mlsys_ref.quant.qmatmul_mma import _halves, _slot_shifts
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
-__all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs", "tc_gemv_torch", "slot_order", "unit_slots_from_words"]
+__all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs", "tc_gemv_torch", "slot_order", "unit_slots_from_words",
+           "pack_gemv_slabs", "unpack_gemv_slabs", "gemv_slabs_shape"]
 
 if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+# Programmatic dependent launch on Hopper (sm_90+), off by default: GEMVs launched back to back gain 10-15% from it
+# (10.3 against 12.4 µs at 11008 x 4096), but in the batch-1 decode of benchmarks/quant.py, where most GEMVs follow
+# PyTorch's kernels, it cost 2% (704 against 717 tokens/s, H100). Set True where the GEMVs follow one another.
+USE_PDL = False
 
 
 # -- the algorithm in PyTorch (CPU-checkable): the slot order, the bit work, the warps' split of K -----------------
@@ -97,10 +113,37 @@ def tc_gemv_applies(bits: int, K: int, group_size: int, x_dtype: torch.dtype) ->
 
 
 def tc_gemv_configs() -> list[dict]:
-    """(W warps, SPW 16-row slabs, UNITS loads in flight per warp). H100 sweep (triton 3.6): 16 warps x 16 rows
-    at 4096² and 4096 x 11008 (6.6 and 13.5 µs), 4 warps x 32 rows x 4 units at 11008 x 4096 (12.7 µs)."""
-    table = [(16, 1, 2), (16, 1, 1), (8, 2, 4), (8, 1, 4), (4, 2, 4), (4, 2, 2)]
-    return [dict(W=w, SPW=spw, UNITS=units) for w, spw, units in table]
+    """(W warps, SPW 16-row slabs, DEPTH units of weight words in flight per warp). H100 sweep (triton 3.6, PDL,
+    slab order; quant_notes.md): 8 warps x 32 rows at 11008 x 4096 (10.3 µs), 16 x 16 rows at 4096 x 11008
+    (DEPTH 2, 10.9 µs) and at 4096² (4.8 µs)."""
+    table = [(8, 2, 1), (16, 1, 2), (16, 1, 1), (16, 2, 1), (8, 1, 2), (4, 2, 1)]
+    return [dict(W=w, SPW=spw, DEPTH=depth) for w, spw, depth in table]
+
+
+# -- the GEMV's own order of the codes: 16-row slabs, each unit's 16 x 64 bytes contiguous -------------------------
+def pack_gemv_slabs(qweight: torch.Tensor) -> torch.Tensor:
+    """Row-major int4 codes, uint8 [N, K/2] -> int32 [ceil(N/16), ceil(K/128), 16, 16]: slab s, unit u holds rows
+    16s .. 16s + 15, each row's 16 words of the unit as row-major stores them (so the kernel's bit work is the
+    same). N and K are padded with zero codes. Done once per weight (QuantizedLinear caches it)."""
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"pack_gemv_slabs needs the uint8 [N, K/2] int4 storage, got {qweight.dtype} {tuple(qweight.shape)}")
+    N, half_k = qweight.shape
+    slabs, units = -(-N // 16), -(-half_k // 64)
+    padded = torch.nn.functional.pad(qweight, (0, 64 * units - half_k, 0, 16 * slabs - N))
+    return padded.view(torch.int32).view(slabs, 16, units, 16).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_gemv_slabs(slabs: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Exact inverse of :func:`pack_gemv_slabs`: int32 [ceil(N/16), ceil(K/128), 16, 16] -> uint8 [N, K/2]."""
+    if slabs.dtype != torch.int32 or tuple(slabs.shape) != gemv_slabs_shape(N, K):
+        raise ValueError(f"unpack_gemv_slabs needs int32 {gemv_slabs_shape(N, K)} for N = {N}, K = {K}, got "
+                         f"{slabs.dtype} {tuple(slabs.shape)}")
+    words = slabs.permute(0, 2, 1, 3).reshape(slabs.shape[0] * 16, -1)
+    return words.contiguous().view(torch.uint8)[:N, :K // 2]
+
+
+def gemv_slabs_shape(N: int, K: int) -> tuple[int, int, int, int]:
+    return (-(-N // 16), -(-K // 128), 16, 16)
 
 
 @gluon.jit
@@ -134,9 +177,24 @@ def _x_operand(x_ptr, ku, unit_live, K, DTYPE: gl.constexpr, x_words: gl.constex
 
 
 @gluon.jit
+def _griddepcontrol(t, ASM: gl.constexpr):
+    gl.inline_asm_elementwise(ASM, "=r,r,~{memory}", [t], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _unit_words(w_ptrs, warp, u, units_per_warp, K, row_live, word, SLABS: gl.constexpr):
+    """The weight words of a warp's u-th unit, [W, 16·SPW, 16] (zero past K, past N and past the warp's share)."""
+    ku = 128 * (warp * units_per_warp + u)
+    step = gl.multiple_of(2 * ku, 256) if SLABS else gl.multiple_of(ku // 8, 16)  # a unit: 256 or 16 words on
+    mask = row_live & ((u < units_per_warp) & (ku < K))[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K)
+    return gl.load(w_ptrs + step[:, None, None], mask=mask, other=0)
+
+
+@gluon.jit
 def _tc_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, units_per_warp, stride_wn, stride_sn, stride_sg,
                     ASM: gl.constexpr, DTYPE: gl.constexpr, GROUP_UNITS: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, W: gl.constexpr, SPW: gl.constexpr, UNITS: gl.constexpr):
+                    HAS_BIAS: gl.constexpr, W: gl.constexpr, SPW: gl.constexpr, DEPTH: gl.constexpr,
+                    SLABS: gl.constexpr, PDL: gl.constexpr):
     """y[n] = Σ_units s[n, g]·(Σ_k q[n, k]·x[k] - z[n, g]·Σ_k x[k]) (+ bias): warp w sums the units
     [w·upw, (w + 1)·upw), the W partial sums are added in shared memory at the end."""
     ROWS: gl.constexpr = 16 * SPW
@@ -154,33 +212,46 @@ def _tc_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, units_per_
     rho = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))
     rows = pid * ROWS + 16 * ((rho // 8) % SPW) + 8 * (rho // (ROWS // 2)) + rho % 8
     word = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))
-    w_ptrs = w_ptr + rows.to(gl.int64)[None, :, None] * stride_wn + word[None, None, :]
+    if SLABS:  # [N/16, units, 16, 16]: a unit of a slab is 1 KB in one piece; stride_wn is a slab's words
+        w_ptrs = w_ptr + ((rows // 16).to(gl.int64) * stride_wn + (rows % 16) * 16)[None, :, None] + word[None, None, :]
+    else:
+        w_ptrs = w_ptr + rows.to(gl.int64)[None, :, None] * stride_wn + word[None, None, :]
     row_live = (rows < N)[None, :, None]
     per_row: gl.constexpr = gl.SliceLayout(2, mma)  # [W, ROWS]
     warp_r = gl.arange(0, W, layout=gl.SliceLayout(1, per_row))
     offs_n = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, per_row))
     n_mask = offs_n < N
     acc = gl.zeros([W, ROWS, 8], gl.float32, layout=mma)
-    for u0 in range(0, units_per_warp, UNITS):
-        for step in gl.static_range(UNITS):
-            ku = 128 * (warp * units_per_warp + u0 + step)  # [W]: this warp's unit
-            unit_live = (u0 + step < units_per_warp) & (ku < K)
-            p = gl.load(w_ptrs + gl.multiple_of(ku // 8, 16)[:, None, None],
-                        mask=row_live & (unit_live[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K)),
-                        other=0)
-            a = gl.convert_layout(_weight_operand(p, ASM, DTYPE, W, SPW), a_layout)
-            xs = gl.convert_layout(_x_operand(x_ptr, ku, unit_live, K, DTYPE, x_words, W), b_layout)
-            part = mma_v2(a, xs, gl.zeros([W, ROWS, 8], gl.float32, layout=mma))
-            unit = warp_r * units_per_warp + u0 + step
-            g = 0 * unit if GROUP_UNITS == 0 else unit // GROUP_UNITS
-            sz = offs_n[None, :] * stride_sn + g[:, None] * stride_sg
-            sz_mask = ((u0 + step < units_per_warp) & (128 * unit < K))[:, None] & n_mask[None, :]
-            s = gl.load(s_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
-            if HAS_ZEROS:  # Σ x·(u - z) = Σ x·u - z·Σ x; column 0 of Σ_k B is Σ x, the others 0
-                x_sum = gl.convert_layout(gl.sum(xs.to(gl.float32), axis=1), gl.SliceLayout(1, mma))
-                z = gl.load(z_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
-                part -= z[:, :, None] * x_sum[:, None, :]
-            acc += s[:, :, None] * part
+    # the words of the next DEPTH units are in flight while a unit's bit work and MMA run
+    p = _unit_words(w_ptrs, warp, 0, units_per_warp, K, row_live, word, SLABS)
+    if DEPTH == 2:
+        p_ahead = _unit_words(w_ptrs, warp, 1, units_per_warp, K, row_live, word, SLABS)
+    if PDL:  # programmatic dependent launch: the kernel before may still run until the wait, and only x (and the
+        # output) can depend on it -- the weight is constant -- so the first weight words are already on their way;
+        # the next kernel may start as soon as every program got here, and stream its own weight meanwhile
+        _griddepcontrol(warp, "griddepcontrol.wait; mov.b32 $0, 0;")
+        _griddepcontrol(warp, "griddepcontrol.launch_dependents; mov.b32 $0, 0;")
+    for u in range(units_per_warp):
+        p_next = _unit_words(w_ptrs, warp, u + DEPTH, units_per_warp, K, row_live, word, SLABS)
+        ku = 128 * (warp * units_per_warp + u)  # [W]: this warp's unit
+        a = gl.convert_layout(_weight_operand(p, ASM, DTYPE, W, SPW), a_layout)
+        xs = gl.convert_layout(_x_operand(x_ptr, ku, ku < K, K, DTYPE, x_words, W), b_layout)
+        part = mma_v2(a, xs, gl.zeros([W, ROWS, 8], gl.float32, layout=mma))
+        unit = warp_r * units_per_warp + u
+        g = 0 * unit if GROUP_UNITS == 0 else unit // GROUP_UNITS
+        sz = offs_n[None, :] * stride_sn + g[:, None] * stride_sg
+        sz_mask = (128 * unit < K)[:, None] & n_mask[None, :]
+        s = gl.load(s_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
+        if HAS_ZEROS:  # Σ x·(u - z) = Σ x·u - z·Σ x; column 0 of Σ_k B is Σ x, the others 0
+            x_sum = gl.convert_layout(gl.sum(xs.to(gl.float32), axis=1), gl.SliceLayout(1, mma))
+            z = gl.load(z_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
+            part -= z[:, :, None] * x_sum[:, None, :]
+        acc += s[:, :, None] * part
+        if DEPTH == 2:
+            p = p_ahead
+            p_ahead = p_next
+        else:
+            p = p_next
     y = gl.sum(gl.sum(acc, axis=2), axis=0)  # the warps' partial sums meet in shared memory
     if HAS_BIAS:
         y += gl.load(b_ptr + offs_n, mask=n_mask, other=0).to(gl.float32)
@@ -189,16 +260,19 @@ def _tc_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, units_per_
 
 def tc_gemv(x_words: torch.Tensor, w_words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             bias: torch.Tensor | None, out: torch.Tensor, K: int, group_size: int, config: dict) -> torch.Tensor:
-    """out [N] = W x for one row x, given as int32 words [K/2] of its 16-bit values; w_words: the row-major int4
-    codes as int32 words [N, K/8] (symmetric codes stored +8, as QuantizedLinear does). The caller validated the
-    formats and checked :func:`tc_gemv_applies`."""
-    N = w_words.shape[0]
+    """out [N] = W x for one row x, given as int32 words [K/2] of its 16-bit values; w_words: the int4 codes as
+    int32 words, row-major [N, K/8] or in slab order (:func:`pack_gemv_slabs`, 4-D); symmetric codes stored +8,
+    as QuantizedLinear does. The caller validated the formats and checked :func:`tc_gemv_applies`. On Hopper the
+    kernel is launched with programmatic dependent launch (``PDL``, see the kernel)."""
+    N, slabs = out.shape[0], w_words.dim() == 4
     W, SPW = config["W"], config["SPW"]
+    pdl = USE_PDL and torch.cuda.get_device_capability(out.device)[0] >= 9
     _tc_gemv_kernel[(triton.cdiv(N, 16 * SPW),)](
         x_words, w_words, scales, zeros if zeros is not None else scales, bias if bias is not None else out, out,
         N, K, triton.cdiv(triton.cdiv(K, 128), W), w_words.stride(0), scales.stride(0), scales.stride(1),
         ASM=mma_unit_ptx(out.dtype, 0 if zeros is not None else 8),
         DTYPE=gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16,
         GROUP_UNITS=0 if group_size >= K else group_size // 128, HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None, W=W, SPW=SPW, UNITS=config["UNITS"], num_warps=W)
+        HAS_BIAS=bias is not None, W=W, SPW=SPW, DEPTH=config["DEPTH"], SLABS=slabs, PDL=pdl, num_warps=W,
+        launch_pdl=pdl)
     return out

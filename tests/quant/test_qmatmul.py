@@ -1,5 +1,7 @@
 """W4A16 / W8A16 kernels against dequantize-then-matmul, on odd shapes, plus validation and dispatch."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -220,7 +222,7 @@ def test_tensor_core_gemv_scope(device):
     assert not tc_gemv_applies(4, 4096, 64, torch.float16)  # groups split a unit
     ql = make_layer(45, 192, 4, 64, True, device)
     with pytest.raises(ValueError, match="tensor-core GEMV"):
-        check(torch.randn(1, 192, device=device, dtype=torch.float16), ql, config=dict(W=4, SPW=1, UNITS=1))
+        check(torch.randn(1, 192, device=device, dtype=torch.float16), ql, config=dict(W=4, SPW=1, DEPTH=1))
 
 
 @pytest.mark.gpu
@@ -235,6 +237,98 @@ def test_gpu_every_tensor_core_gemv_config(N, K, group, symmetric, dtype, bias):
     x = torch.randn(1, K, device="cuda", dtype=dtype)
     for config in tc_gemv_configs():
         check(x, ql, config=config, bias=ql.bias.to(dtype) if bias else None)
+
+
+def check_slabs(x, ql, config=None, bias=None):
+    """The tensor-core GEMV from the slab order (pack_gemv_slabs) against the fp64 reference on the row-major codes."""
+    slabs = qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight)
+    y = quant_matmul(x, slabs, ql.scales, ql.zeros, bits=4, perm=ql.perm, bias=bias, config=config)
+    ref = quant_matmul_reference(x.double(), ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm, bias=bias)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], ql.out_features)
+    eager = quant_matmul_eager(x, ql.qweight, ql.scales, ql.zeros, bits=4, perm=ql.perm, bias=bias)
+    assert max_error(y, ref) <= max(2 * max_error(eager, ref), 1e-2), f"{config}: {max_error(y, ref):.3g}"
+    return y
+
+
+@pytest.mark.parametrize("N,K", [(45, 200), (16, 128), (33, 4160), (1, 32)])
+def test_gemv_slab_order_round_trip(N, K):
+    """pack_gemv_slabs is a reordering of whole 64-byte pieces (row, unit), padded with zero codes to 16 rows and
+    128 codes: unpacking gives the codes back exactly, and slab s, unit u, row r holds that row's unit words."""
+    qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    slabs = qmatmul_gemv_tc.pack_gemv_slabs(qweight)
+    assert tuple(slabs.shape) == qmatmul_gemv_tc.gemv_slabs_shape(N, K) == (-(-N // 16), -(-K // 128), 16, 16)
+    assert torch.equal(qmatmul_gemv_tc.unpack_gemv_slabs(slabs, N, K), qweight)
+    n, u = N - 1, (K // 2 - 1) // 64  # the last row's last unit
+    words = torch.nn.functional.pad(qweight[n, 64 * u:], (0, 64 * (u + 1) - K // 2)).contiguous().view(torch.int32)
+    assert torch.equal(slabs[n // 16, u, n % 16], words)
+    assert slabs[-1, :, N % 16 or 16:].eq(0).all()  # rows past N are zero codes
+
+
+def test_gemv_slab_order_validation(device):
+    """The slab order is for one row of x on the tensor-core GEMV; other uses raise and name what was expected."""
+    ql = make_layer(45, 256, 4, 128, True, device, scale_dtype=torch.float16)
+    slabs = qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight)
+    with pytest.raises(ValueError, match="M = 1"):
+        quant_matmul(torch.randn(2, 256, device=device, dtype=torch.float16), slabs, ql.scales, bits=4)
+    with pytest.raises(ValueError, match="pack_gemv_slabs"):
+        quant_matmul(torch.randn(1, 256, device=device, dtype=torch.float16), slabs[:, :1], ql.scales, bits=4)
+    with pytest.raises(ValueError, match="pack_gemv_slabs"):
+        qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight.view(torch.int8))
+    with pytest.raises(ValueError, match="unpack_gemv_slabs"):
+        qmatmul_gemv_tc.unpack_gemv_slabs(slabs, 45, 384)
+    W = qmatmul.dequantize_weight(slabs, ql.scales, None, 4, 256)  # the PyTorch path reads the slab order too
+    assert torch.equal(W, qmatmul.dequantize_weight(ql.qweight, ql.scales, None, 4, 256))
+    if device.type != "cuda":  # no tensor-core GEMV here: said, not run on something else
+        with pytest.raises(ValueError, match="tensor-core GEMV"):
+            quant_matmul(torch.randn(1, 256, device=device, dtype=torch.float16), slabs, ql.scales, bits=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K,group,symmetric,dtype,bias", [
+    (4096, 4096, 128, True, torch.bfloat16, False), (777, 1120, None, True, torch.bfloat16, True),
+    (1001, 1152, 128, False, torch.float16, False), (300, 2048, 256, True, torch.float16, True),
+    (96, 11008, 128, False, torch.bfloat16, True), (45, 4160, None, True, torch.bfloat16, False)])
+def test_gpu_every_tensor_core_gemv_config_slab_order(N, K, group, symmetric, dtype, bias, monkeypatch):
+    """Every tuned config from the slab order: odd N (a ragged last slab and program), K not a multiple of 128 (a
+    padded last unit), per-row and grouped scales, zero points, bias, bf16 and fp16; then three launches in a
+    row give the same answer, with and without programmatic dependent launch."""
+    ql = make_layer(N, K, 4, group, symmetric, "cuda", scale_dtype=dtype, bias=bias)
+    x = torch.randn(1, K, device="cuda", dtype=dtype)
+    b = ql.bias.to(dtype) if bias else None
+    for config, pdl in itertools.product(tc_gemv_configs(), (False, True)):
+        monkeypatch.setattr(qmatmul_gemv_tc, "USE_PDL", pdl)
+        first = check_slabs(x, ql, config=config, bias=b)
+        slabs = qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight)
+        again = [quant_matmul(x, slabs, ql.scales, ql.zeros, bits=4, bias=b, config=config) for _ in range(3)]
+        assert all(torch.equal(y, first) for y in again)
+
+
+@pytest.mark.gpu
+def test_gpu_slab_order_chain_in_cuda_graph(monkeypatch):
+    """A chain of GEMVs in one captured graph, each one's output the next one's x: with programmatic dependent
+    launch a kernel may start before the one before it ends, and must still read x only after it is written."""
+    monkeypatch.setattr(qmatmul_gemv_tc, "USE_PDL", True)
+    layers = [make_layer(1024, 1024, 4, 128, True, "cuda", scale_dtype=torch.bfloat16) for _ in range(4)]
+    slabs = [qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight) for ql in layers]
+    x0 = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def chain(x):
+        for ql, s in zip(layers, slabs):
+            x = quant_matmul(x, s, ql.scales, bits=4) / 8
+        return x
+
+    expected = x0.double()
+    for ql in layers:
+        expected = quant_matmul_reference(expected, ql.qweight, ql.scales, None, bits=4) / 8
+    first = chain(x0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = chain(x0)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, first)
+    assert max_error(first, expected) <= 0.05 * expected.abs().max().item()
 
 
 @pytest.mark.gpu
@@ -270,7 +364,7 @@ def test_gpu_tma_x_tiles(M, N, K, group, tile, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,config", [
     (1, dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=1)),  # GEMV
-    (1, dict(W=16, SPW=1, UNITS=2)),  # the tensor-core GEMV: its split of K meets in shared memory
+    (1, dict(W=16, SPW=1, DEPTH=2)),  # the tensor-core GEMV: its split of K meets in shared memory
     (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=3, FOLD=1, ASM=1)),  # skinny
     (256, dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3, FOLD=0, ASM=1, IL=1, TMA=1)),
 ])

@@ -183,7 +183,7 @@ def test_gpu_module_refuses_to_pack_inside_a_capture():
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,K,group", [(4096, 4096, 128), (11008, 4096, 128), (1000, 4112, None)])
 def test_gpu_module_at_m1(N, K, group):
-    """At M = 1 the module runs the row-major codes where the tensor-core GEMV applies, without packing a fragment
+    """At M = 1 the module runs the slab order where the tensor-core GEMV applies, without packing a fragment
     copy; elsewhere (K % 32 != 0 here) it times the two layouts once per shape and keeps the faster. Right
     either way, then also inside a CUDA graph."""
     ql = make_layer(N, K, group, True, "cuda", scale_dtype=torch.bfloat16)
@@ -192,6 +192,7 @@ def test_gpu_module_at_m1(N, K, group):
     eager_error = max_error(quant_matmul_eager(x, ql.qweight, ql.scales, None, bits=4), ref)
     y = ql(x)
     assert hasattr(ql, "_mma_cache") == (not tc_gemv_applies(4, K, ql.group_size, x.dtype))
+    assert hasattr(ql, "_slab_cache") == tc_gemv_applies(4, K, ql.group_size, x.dtype)  # the GEMV's slab order
     assert max_error(y, ref) <= 2 * eager_error
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
