@@ -50,8 +50,9 @@ The jit code lives in :mod:`mlsys_ref.quant.qmatmul_kernels`; this file validate
 Marlin's offline weight reshuffle into tensor-core fragment order is :mod:`mlsys_ref.quant.qmatmul_mma`
 (``pack_int4_mma``): an int32 qweight is that layout, and its kernel serves every M. QuantizedLinear keeps
 the row-major codes (its storage format) and packs a copy on first use: it runs 2 <= M <= 64 from it (on
-Hopper larger M too, by the wgmma kernel of :mod:`mlsys_ref.quant.qmatmul_wgmma`), and M = 1 from the
-row-major codes where the tensor-core GEMV applies, else from whichever layout a one-off timing picks
+Hopper larger M too, by the wgmma kernel of :mod:`mlsys_ref.quant.qmatmul_wgmma`), and M = 1 from a slab-order
+copy (a 4-D int32 qweight, ``pack_gemv_slabs``) where the tensor-core GEMV applies, else from whichever layout a
+one-off timing picks
 (:mod:`mlsys_ref.quant.qmatmul_dispatch`, which also holds the ``use_kernels`` switch). In the row-major
 kernels here, the packed int4 tile goes through shared memory to reach the MMA's register layout.
 

@@ -33,7 +33,7 @@ per weight in its loop: a program owns only a few steps, and its fixed cost (pip
 split-K epilogue) dominates; the tensor-core GEMV of :mod:`mlsys_ref.quant.qmatmul_gemv_tc` (Gluon, row-major
 codes in a permuted k order, split-K met in shared memory) beats both (2.7-3.1x). At M = 256 the per-unit
 scaling of a wide product costs more than it saves (0.7-1.0x against the row-major GEMM's 0.8-1.05x).
-QuantizedLinear therefore runs 2 <= M <= 64 from this layout, M = 1 from the row-major codes where the
+QuantizedLinear therefore runs 2 <= M <= 64 from this layout, M = 1 from the GEMV's slab order where the
 tensor-core GEMV applies (else from whichever layout its one-off timing picks), and larger M row-major,
 except on Hopper, where the warp-specialized wgmma kernel of :mod:`mlsys_ref.quant.qmatmul_wgmma` runs this layout.
 
