@@ -144,18 +144,17 @@ def _validate(x, qweight, scales, zeros, bits, perm, bias) -> tuple[int, int, in
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8 for the Triton kernels, got {bits!r} (int3 etc.: PyTorch path)")
     K = x.shape[-1]
-    if bits == 4 and qweight.dtype == torch.int32 and qweight.dim() == 4:  # the GEMV's slab order: N from scales
-        N = scales.shape[0] if scales.dim() == 2 else -1
-        if tuple(qweight.shape) != gemv_slabs_shape(N, K):
-            raise ValueError(f"int4 qweight in slab order (pack_gemv_slabs) must be int32 {gemv_slabs_shape(N, K)} for "
-                             f"N = scales.shape[0] = {N}, K = x.shape[-1] = {K}, got {tuple(qweight.shape)}")
-        if x.numel() != K:
-            raise ValueError(f"int4 qweight in slab order (pack_gemv_slabs) is for one row x (M = 1); got x of "
-                             f"shape {tuple(x.shape)}: use the row-major codes or pack_int4_mma for M > 1")
-    elif qweight.dim() != 2:
+    slab_order = bits == 4 and qweight.dtype == torch.int32 and qweight.dim() == 4  # the GEMV's: N from scales
+    if not slab_order and qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [N, K/2] (int4) or [N, K] (int8), or 4-D from pack_gemv_slabs, "
                          f"got {tuple(qweight.shape)}")
-    N = scales.shape[0] if qweight.dim() == 4 else qweight.shape[0]
+    N = (scales.shape[0] if scales.dim() == 2 else -1) if slab_order else qweight.shape[0]
+    if slab_order and tuple(qweight.shape) != gemv_slabs_shape(N, K):
+        raise ValueError(f"int4 qweight in slab order (pack_gemv_slabs) must be int32 {gemv_slabs_shape(N, K)} for "
+                         f"N = scales.shape[0] = {N}, K = x.shape[-1] = {K}, got {tuple(qweight.shape)}")
+    if slab_order and x.numel() != K:
+        raise ValueError(f"int4 qweight in slab order (pack_gemv_slabs) is for one row x (M = 1); got x of "
+                         f"shape {tuple(x.shape)}: use the row-major codes or pack_int4_mma for M > 1")
     words = mma_words(K)  # per row of the fragment layout (pack_int4_mma)
     if bits == 4 and qweight.dtype == torch.int32 and qweight.dim() == 2 and qweight.shape[1] != words:
         raise ValueError(f"int4 qweight in fragment order (pack_int4_mma) must be int32 [N, {words}] for "
@@ -316,9 +315,7 @@ def _launch_slabs(x2, slabs, scales, zeros, bias, group_size, out, config=None) 
     if not tc_gemv_applies(4, K, group_size, x2.dtype):
         raise ValueError("int4 qweight in slab order (pack_gemv_slabs) runs only on the tensor-core GEMV "
                          "(qmatmul_gemv_tc: GPU with Gluon, 16-bit x, K % 32 == 0, groups of whole 128-code units)")
-    if zeros is not None and zeros.stride() != scales.stride():
-        scales, zeros = scales.contiguous(), zeros.contiguous()
-    xv = _gemv_x_words(x2[0])
+    xv = _gemv_x_words(x2[0])  # (_launch already gave zeros the strides of scales)
     b = None if bias is None else bias.contiguous()
 
     def run(cfg: dict) -> torch.Tensor:

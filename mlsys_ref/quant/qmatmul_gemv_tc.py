@@ -128,7 +128,7 @@ def pack_gemv_slabs(qweight: torch.Tensor) -> torch.Tensor:
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise ValueError(f"pack_gemv_slabs needs the uint8 [N, K/2] int4 storage, got {qweight.dtype} {tuple(qweight.shape)}")
     N, half_k = qweight.shape
-    slabs, units = -(-N // 16), -(-half_k // 64)
+    slabs, units, _, _ = gemv_slabs_shape(N, 2 * half_k)
     padded = torch.nn.functional.pad(qweight, (0, 64 * units - half_k, 0, 16 * slabs - N))
     return padded.view(torch.int32).view(slabs, 16, units, 16).permute(0, 2, 1, 3).contiguous()
 
@@ -262,8 +262,8 @@ def tc_gemv(x_words: torch.Tensor, w_words: torch.Tensor, scales: torch.Tensor, 
             bias: torch.Tensor | None, out: torch.Tensor, K: int, group_size: int, config: dict) -> torch.Tensor:
     """out [N] = W x for one row x, given as int32 words [K/2] of its 16-bit values; w_words: the int4 codes as
     int32 words, row-major [N, K/8] or in slab order (:func:`pack_gemv_slabs`, 4-D); symmetric codes stored +8,
-    as QuantizedLinear does. The caller validated the formats and checked :func:`tc_gemv_applies`. On Hopper the
-    kernel is launched with programmatic dependent launch (``PDL``, see the kernel)."""
+    as QuantizedLinear does. The caller validated the formats and checked :func:`tc_gemv_applies`. With
+    ``USE_PDL`` on Hopper the kernel is launched with programmatic dependent launch (see the kernel)."""
     N, slabs = out.shape[0], w_words.dim() == 4
     W, SPW = config["W"], config["SPW"]
     pdl = USE_PDL and torch.cuda.get_device_capability(out.device)[0] >= 9
