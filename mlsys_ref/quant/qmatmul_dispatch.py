@@ -14,7 +14,9 @@ quant_notes.md); where that one does not apply, the row-major and fragment layou
 timed once per shape and the faster is kept (``quantized_linear``). The module keeps the row-major codes (its
 storage format and state dict) and packs a cached copy in the order a kernel needs on first use -- fragment
 order for M > 1, slab order for M = 1 -- so the price of speed is memory: a decode-only model on the GPU holds
-two copies of the codes (1 byte a weight, as int8), a model that also prefills three.
+two copies of the codes (1 byte a weight, as int8), a model that also prefills three. Layers whose GEMVs follow
+one another (q, k, v of a token; gate and up) can run inside ``qmatmul_gemv_tc.chained_gemvs()``: on Hopper
+each GEMV then starts while the one before it finishes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, default_device, is_interpreter, triton
 from mlsys_ref.quant.qmatmul import quant_matmul
-from mlsys_ref.quant.qmatmul_gemv_tc import pack_gemv_slabs, tc_gemv_applies
+from mlsys_ref.quant.qmatmul_gemv_tc import break_chain, pack_gemv_slabs, tc_gemv_applies
 from mlsys_ref.quant.qmatmul_mma import UNIT, pack_int4_mma
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, pick_config
 from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies
@@ -103,6 +105,7 @@ def _cached_pack(module, attribute: str, pack, what: str) -> torch.Tensor:
                                f"is packed into {what} on first use)")
         cached = (stamp, pack(qweight))
         setattr(module, attribute, cached)
+        break_chain()  # the pack's kernel writes the weight the next GEMV reads: no early start for that one
     return cached[1]
 
 

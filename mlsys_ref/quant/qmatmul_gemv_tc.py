@@ -19,14 +19,19 @@ warps along the batch -- and their partial sums meet once, in shared memory, at 
 second kernel, without fp32 partials in global memory and without an arrival counter. Nothing in the loop
 touches shared memory or waits on a barrier; a warp's loads run DEPTH units ahead of their use.
 
-What the bandwidth took (H100, quant_notes.md, twelfth session), beyond the arithmetic:
+What the bandwidth took (H100, quant_notes.md, twelfth and thirteenth sessions), beyond the arithmetic:
 - **Slab order** (``pack_gemv_slabs``): the same words, stored so that each 16-row x 128-code unit is one 1 KB
   piece, [N/16, units, 16, 16]. From row-major codes a warp's unit is 16 pieces of 64 bytes, 2·K/8 bytes apart.
-  Alone: 12.4 and 12.4 µs at 11008 x 4096 and 4096 x 11008 (62% of copy), from 12.9 and 13.4 µs.
-- **Programmatic dependent launch** (Hopper, ``USE_PDL``, off by default: see there): the kernel issues its
-  first weight loads, then waits for the kernel before it (``griddepcontrol.wait``; only x can depend on it)
-  and at once lets the next one start, so GEMVs launched back to back overlap ramp and tail (the fixed cost
-  of a call was ~3.4 µs). With both: 10.3 and 10.9 µs (75% and 71% of copy).
+  Alone: 12.2 and 12.4 µs at 11008 x 4096 and 4096 x 11008 (62-63% of copy), from 12.9 and 13.4 µs.
+- **Registers**: a program's register count sets how many programs an SM holds, so how many waves the grid
+  takes. Written as below, 8 warps x 32 rows take 80 registers a thread (three programs an SM); an earlier
+  version of the same loop took 102 (two) and ran 14.9 instead of 12.2 µs at 11008 x 4096.
+- **Programmatic dependent launch** for GEMVs that follow one another (:func:`chained_gemvs`, Hopper): the
+  kernel issues its first weight loads, then waits for the kernel before it (``griddepcontrol.wait``; only x
+  can depend on it) and at once lets the next one start, so back-to-back GEMVs overlap one's ramp with the
+  other's tail (a call's fixed cost, launch and HBM ramp, is ~2.4 µs in a CUDA graph even for a plain read).
+  Chained: 10.3 and 10.6 µs (75% and 72% of copy). Not for a GEMV after PyTorch's kernels, which do not
+  trigger their dependents: there the launch as a dependent cost ~0.3 µs (a decode 2% slower).
 
 Why Gluon: plain Triton chooses the register layouts itself, and for one-warp MMAs its choice sends the operands
 through shared memory (measured 10-13 µs at 4096², quant_notes.md). Gluon states the layouts: the loads' blocked
@@ -40,10 +45,13 @@ tests check against the reference; the GPU tests check the kernel.
 Covers int4 with 16-bit x, scales per group of whole 128-code units (or per row), zero points, bias;
 K % 32 == 0 (a lane's 32-code block is wholly inside K or past it). Left out: int8 (bf16 cannot hold
 128 + a byte exactly), M > 1 (``qmatmul_mma``). Tried and lost: the first units copied into shared memory
-(cp.async) before the wait, each warp's k-loop rotated per program.
+(cp.async) before the wait, each warp's k-loop rotated per program, the scales and x loaded a unit
+ahead, a persistent grid of one or two programs an SM, a register cap (quant_notes.md, thirteenth session).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -52,15 +60,49 @@ from mlsys_ref.quant.qmatmul_mma import _halves, _slot_shifts
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
 __all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs", "tc_gemv_torch", "slot_order", "unit_slots_from_words",
-           "pack_gemv_slabs", "unpack_gemv_slabs", "gemv_slabs_shape"]
+           "pack_gemv_slabs", "unpack_gemv_slabs", "gemv_slabs_shape", "chained_gemvs", "in_chain", "break_chain"]
 
 if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-# Programmatic dependent launch on Hopper (sm_90+), off by default: GEMVs launched back to back gain 10-15% from it
-# (10.3 against 12.4 µs at 11008 x 4096), but in the batch-1 decode of benchmarks/quant.py, where most GEMVs follow
-# PyTorch's kernels, it cost 2% (704 against 717 tokens/s, H100). Set True where the GEMVs follow one another.
-USE_PDL = False
+# -- programmatic dependent launch for GEMVs that follow one another ----------------------------------------------
+_CHAIN: list[list[bool]] = []  # one entry per open chained_gemvs() block: [whether a GEMV was launched in it]
+
+
+@contextlib.contextmanager
+def chained_gemvs():
+    """``with chained_gemvs():`` -- the GEMVs launched in the block follow one another (q, k, v of one token; gate
+    and up), so on Hopper each may start while the one before it finishes. Every GEMV of the block is compiled to
+    wait for the kernel before it only where it reads x and to let the next kernel start at once; every one but
+    the first is launched as a dependent (programmatic dependent launch). The caller's promise: the kernel just
+    before a GEMV of the block does not write that GEMV's weight (its first words are read before the wait); x,
+    scales and the output are safe whatever ran before. Elsewhere (no Hopper, the interpreter) the block changes
+    nothing. Not the default: after PyTorch's kernels, which never let a dependent start early, a dependent launch
+    only costs (~0.3 µs a GEMV, quant_notes.md)."""
+    _CHAIN.append([False])
+    try:
+        yield
+    finally:
+        _CHAIN.pop()
+
+
+def in_chain() -> bool:
+    """Whether a :func:`chained_gemvs` block is open (the M = 1 tuner keys and times its configs by it)."""
+    return bool(_CHAIN)
+
+
+def break_chain() -> None:
+    """The next GEMV of the open block is launched as a first one (e.g. after its weight was just written)."""
+    if _CHAIN:
+        _CHAIN[-1][0] = False
+
+
+def _chain_launch(hopper: bool) -> tuple[bool, bool]:
+    """(compile with the PDL instructions, launch as a dependent) for a GEMV launched now; marks the launch."""
+    if not (_CHAIN and hopper):
+        return False, False
+    dependent, _CHAIN[-1][0] = _CHAIN[-1][0], True
+    return True, dependent
 
 
 # -- the algorithm in PyTorch (CPU-checkable): the slot order, the bit work, the warps' split of K -----------------
@@ -113,10 +155,11 @@ def tc_gemv_applies(bits: int, K: int, group_size: int, x_dtype: torch.dtype) ->
 
 
 def tc_gemv_configs() -> list[dict]:
-    """(W warps, SPW 16-row slabs, DEPTH units of weight words in flight per warp). H100 sweep (triton 3.6, PDL,
-    slab order; quant_notes.md): 8 warps x 32 rows at 11008 x 4096 (10.3 µs), 16 x 16 rows at 4096 x 11008
-    (DEPTH 2, 10.9 µs) and at 4096² (4.8 µs)."""
-    table = [(8, 2, 1), (16, 1, 2), (16, 1, 1), (16, 2, 1), (8, 1, 2), (4, 2, 1)]
+    """(W warps, SPW 16-row slabs, DEPTH units of weight words in flight per warp). H100 sweep (triton 3.6, slab
+    order; quant_notes.md, thirteenth session): alone, 8 warps x 32 rows at 11008 x 4096 (12.2 µs), 16 x 16 rows
+    at 4096 x 11008 and 4096² (12.6, 6.2 µs); chained, the same at 10.3, 10.6 and 4.7 µs, 8 x 16 rows at
+    8192 x 2048 (4.6 µs), DEPTH 2 at 2048 x 8192 (5.2 µs)."""
+    table = [(8, 2, 1), (16, 1, 2), (16, 1, 1), (16, 2, 1), (8, 1, 2), (8, 1, 1)]
     return [dict(W=w, SPW=spw, DEPTH=depth) for w, spw, depth in table]
 
 
@@ -182,12 +225,43 @@ def _griddepcontrol(t, ASM: gl.constexpr):
 
 
 @gluon.jit
+def _unit_of(warp, u, units_per_warp):
+    """(ku, live) of a warp's u-th unit: its first code, and whether the unit is in the warp's share. Past the
+    share the index wraps to the share's start, so that the (masked) addresses stay inside the weight."""
+    return 128 * (warp * units_per_warp + u % units_per_warp), u < units_per_warp
+
+
+@gluon.jit
 def _unit_words(w_ptrs, warp, u, units_per_warp, K, row_live, word, SLABS: gl.constexpr):
     """The weight words of a warp's u-th unit, [W, 16·SPW, 16] (zero past K, past N and past the warp's share)."""
-    ku = 128 * (warp * units_per_warp + u)
+    ku, live = _unit_of(warp, u, units_per_warp)
     step = gl.multiple_of(2 * ku, 256) if SLABS else gl.multiple_of(ku // 8, 16)  # a unit: 256 or 16 words on
-    mask = row_live & ((u < units_per_warp) & (ku < K))[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K)
+    mask = row_live & ((live & (ku < K))[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K))
     return gl.load(w_ptrs + step[:, None, None], mask=mask, other=0)
+
+
+@gluon.jit
+def _unit_product(acc, p, x_ptr, s_ptr, z_ptr, warp, warp_r, u, units_per_warp, K, offs_n, n_mask, stride_sn, stride_sg,
+                  ASM: gl.constexpr, DTYPE: gl.constexpr, GROUP_UNITS: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                  W: gl.constexpr, SPW: gl.constexpr, mma: gl.constexpr, x_words: gl.constexpr):
+    """acc + s·(the unit's codes · x) (- z·Σx): one MMA of the warp's u-th unit, scaled per row."""
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    ku, live = _unit_of(warp, u, units_per_warp)
+    a = gl.convert_layout(_weight_operand(p, ASM, DTYPE, W, SPW), a_layout)
+    xs = gl.convert_layout(_x_operand(x_ptr, ku, live & (ku < K), K, DTYPE, x_words, W), b_layout)
+    part = mma_v2(a, xs, gl.zeros_like(acc))
+    ku_r, live_r = _unit_of(warp_r, u, units_per_warp)
+    unit = ku_r // 128
+    g = 0 * unit if GROUP_UNITS == 0 else unit // GROUP_UNITS
+    sz = offs_n[None, :] * stride_sn + g[:, None] * stride_sg
+    sz_mask = (live_r & (ku_r < K))[:, None] & n_mask[None, :]
+    s = gl.load(s_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
+    if HAS_ZEROS:  # Σ x·(u - z) = Σ x·u - z·Σ x; column 0 of Σ_k B is Σ x, the others 0
+        x_sum = gl.convert_layout(gl.sum(xs.to(gl.float32), axis=1), gl.SliceLayout(1, mma))
+        z = gl.load(z_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
+        part -= z[:, :, None] * x_sum[:, None, :]
+    return acc + s[:, :, None] * part
 
 
 @gluon.jit
@@ -199,8 +273,6 @@ def _tc_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, units_per_
     [w·upw, (w + 1)·upw), the W partial sums are added in shared memory at the end."""
     ROWS: gl.constexpr = 16 * SPW
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     # a lane holds 4 words (16 bytes) of rows g and g + 8 per slab: the A fragment of lane 4g + t
     words: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 4], threads_per_warp=[1, 8, 4], warps_per_cta=[W, 1, 1],
                                            order=[2, 1, 0])
@@ -233,20 +305,8 @@ def _tc_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, units_per_
         _griddepcontrol(warp, "griddepcontrol.launch_dependents; mov.b32 $0, 0;")
     for u in range(units_per_warp):
         p_next = _unit_words(w_ptrs, warp, u + DEPTH, units_per_warp, K, row_live, word, SLABS)
-        ku = 128 * (warp * units_per_warp + u)  # [W]: this warp's unit
-        a = gl.convert_layout(_weight_operand(p, ASM, DTYPE, W, SPW), a_layout)
-        xs = gl.convert_layout(_x_operand(x_ptr, ku, ku < K, K, DTYPE, x_words, W), b_layout)
-        part = mma_v2(a, xs, gl.zeros([W, ROWS, 8], gl.float32, layout=mma))
-        unit = warp_r * units_per_warp + u
-        g = 0 * unit if GROUP_UNITS == 0 else unit // GROUP_UNITS
-        sz = offs_n[None, :] * stride_sn + g[:, None] * stride_sg
-        sz_mask = (128 * unit < K)[:, None] & n_mask[None, :]
-        s = gl.load(s_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
-        if HAS_ZEROS:  # Σ x·(u - z) = Σ x·u - z·Σ x; column 0 of Σ_k B is Σ x, the others 0
-            x_sum = gl.convert_layout(gl.sum(xs.to(gl.float32), axis=1), gl.SliceLayout(1, mma))
-            z = gl.load(z_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
-            part -= z[:, :, None] * x_sum[:, None, :]
-        acc += s[:, :, None] * part
+        acc = _unit_product(acc, p, x_ptr, s_ptr, z_ptr, warp, warp_r, u, units_per_warp, K, offs_n, n_mask, stride_sn,
+                            stride_sg, ASM, DTYPE, GROUP_UNITS, HAS_ZEROS, W, SPW, mma, x_words)
         if DEPTH == 2:
             p = p_ahead
             p_ahead = p_next
@@ -262,11 +322,11 @@ def tc_gemv(x_words: torch.Tensor, w_words: torch.Tensor, scales: torch.Tensor, 
             bias: torch.Tensor | None, out: torch.Tensor, K: int, group_size: int, config: dict) -> torch.Tensor:
     """out [N] = W x for one row x, given as int32 words [K/2] of its 16-bit values; w_words: the int4 codes as
     int32 words, row-major [N, K/8] or in slab order (:func:`pack_gemv_slabs`, 4-D); symmetric codes stored +8,
-    as QuantizedLinear does. The caller validated the formats and checked :func:`tc_gemv_applies`. With
-    ``USE_PDL`` on Hopper the kernel is launched with programmatic dependent launch (see the kernel)."""
+    as QuantizedLinear does. The caller validated the formats and checked :func:`tc_gemv_applies`. Inside
+    :func:`chained_gemvs` on Hopper the kernel is launched with programmatic dependent launch (see there)."""
     N, slabs = out.shape[0], w_words.dim() == 4
     W, SPW = config["W"], config["SPW"]
-    pdl = USE_PDL and torch.cuda.get_device_capability(out.device)[0] >= 9
+    pdl, dependent = _chain_launch(torch.cuda.get_device_capability(out.device)[0] >= 9)
     _tc_gemv_kernel[(triton.cdiv(N, 16 * SPW),)](
         x_words, w_words, scales, zeros if zeros is not None else scales, bias if bias is not None else out, out,
         N, K, triton.cdiv(triton.cdiv(K, 128), W), w_words.stride(0), scales.stride(0), scales.stride(1),
@@ -274,5 +334,5 @@ def tc_gemv(x_words: torch.Tensor, w_words: torch.Tensor, scales: torch.Tensor, 
         DTYPE=gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16,
         GROUP_UNITS=0 if group_size >= K else group_size // 128, HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None, W=W, SPW=SPW, DEPTH=config["DEPTH"], SLABS=slabs, PDL=pdl, num_warps=W,
-        launch_pdl=pdl)
+        launch_pdl=dependent)
     return out

@@ -34,8 +34,11 @@ def m_bucket(M: int) -> int:
     return 1 << (M - 1).bit_length()
 
 
-def pick_config(name: str, key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], object]) -> dict:
-    """The config to launch ``name`` with for ``key``; times ``launch(config)`` for each candidate, ROUNDS times."""
+def pick_config(name: str, key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], object],
+                repeat: int = 1) -> dict:
+    """The config to launch ``name`` with for ``key``; times ``launch(config)`` for each candidate, ROUNDS times.
+    ``repeat`` > 1 times that many launches back to back in one graph (kernels that overlap their neighbours, as
+    chained GEMVs do, are judged in a chain; ``launch`` then picks its own buffers per call)."""
     if not candidates:
         raise ValueError(f"{name}: no candidate configs for key {key}")
     if is_interpreter() or len(candidates) == 1:
@@ -55,7 +58,8 @@ def pick_config(name: str, key: Hashable, candidates: Sequence[dict], launch: Ca
             # ~30 µs of Python that launches it; do_bench clears the L2 before each replay
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                launch(config)
+                for _ in range(repeat):
+                    launch(config)
             graphs.append((index, graph))
         except Exception as error:  # e.g. out of shared memory for this tile: skip the candidate
             failures.append(f"{config}: {type(error).__name__}: {error}")

@@ -1,5 +1,6 @@
 """W4A16 / W8A16 kernels against dequantize-then-matmul, on odd shapes, plus validation and dispatch."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -11,6 +12,7 @@ from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.primitives import unpack_int4
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
 from mlsys_ref.quant.qmatmul_gemv_tc import tc_gemv_applies, tc_gemv_configs
+from mlsys_ref.quant.qmatmul_tune import tuned_configs
 from mlsys_ref.quant.qmatmul_tune import gemv_configs as gemv_configs_tuned  # unpinned by the fixture below
 from mlsys_ref.testing import assert_close, max_error
 
@@ -288,39 +290,43 @@ def test_gemv_slab_order_validation(device):
     (4096, 4096, 128, True, torch.bfloat16, False), (777, 1120, None, True, torch.bfloat16, True),
     (1001, 1152, 128, False, torch.float16, False), (300, 2048, 256, True, torch.float16, True),
     (96, 11008, 128, False, torch.bfloat16, True), (45, 4160, None, True, torch.bfloat16, False)])
-def test_gpu_every_tensor_core_gemv_config_slab_order(N, K, group, symmetric, dtype, bias, monkeypatch):
+def test_gpu_every_tensor_core_gemv_config_slab_order(N, K, group, symmetric, dtype, bias):
     """Every tuned config from the slab order: odd N (a ragged last slab and program), K not a multiple of 128 (a
     padded last unit), per-row and grouped scales, zero points, bias, bf16 and fp16; then three launches in a
-    row give the same answer, with and without programmatic dependent launch."""
+    row give the same answer, alone and chained (on Hopper: launched as dependents of the one before)."""
     ql = make_layer(N, K, 4, group, symmetric, "cuda", scale_dtype=dtype, bias=bias)
     x = torch.randn(1, K, device="cuda", dtype=dtype)
     b = ql.bias.to(dtype) if bias else None
-    for config, pdl in itertools.product(tc_gemv_configs(), (False, True)):
-        monkeypatch.setattr(qmatmul_gemv_tc, "USE_PDL", pdl)
-        first = check_slabs(x, ql, config=config, bias=b)
-        slabs = qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight)
-        again = [quant_matmul(x, slabs, ql.scales, ql.zeros, bits=4, bias=b, config=config) for _ in range(3)]
+    slabs = qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight)
+    for config, chained in itertools.product(tc_gemv_configs(), (False, True)):
+        with qmatmul_gemv_tc.chained_gemvs() if chained else contextlib.nullcontext():
+            first = check_slabs(x, ql, config=config, bias=b)
+            again = [quant_matmul(x, slabs, ql.scales, ql.zeros, bits=4, bias=b, config=config) for _ in range(3)]
         assert all(torch.equal(y, first) for y in again)
 
 
 @pytest.mark.gpu
-def test_gpu_slab_order_chain_in_cuda_graph(monkeypatch):
-    """A chain of GEMVs in one captured graph, each one's output the next one's x: with programmatic dependent
-    launch a kernel may start before the one before it ends, and must still read x only after it is written."""
-    monkeypatch.setattr(qmatmul_gemv_tc, "USE_PDL", True)
+def test_gpu_slab_order_chain_in_cuda_graph():
+    """A chain of GEMVs in one captured graph, each one's output the next one's x: launched as dependents, a
+    kernel may start before the one before it ends, and must still read x only after it is written. The configs
+    come from the tuner's chained timing (scratch copies of the weights), kept apart from the lone GEMV's."""
     layers = [make_layer(1024, 1024, 4, 128, True, "cuda", scale_dtype=torch.bfloat16) for _ in range(4)]
     slabs = [qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight) for ql in layers]
     x0 = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
 
     def chain(x):
-        for ql, s in zip(layers, slabs):
-            x = quant_matmul(x, s, ql.scales, bits=4) / 8
+        with qmatmul_gemv_tc.chained_gemvs():
+            for ql, s in zip(layers, slabs):
+                x = quant_matmul(x, s, ql.scales, bits=4) / 8
         return x
 
     expected = x0.double()
     for ql in layers:
         expected = quant_matmul_reference(expected, ql.qweight, ql.scales, None, bits=4) / 8
     first = chain(x0)
+    assert max_error(first, expected) <= 0.05 * expected.abs().max().item()  # four bf16 roundings of x on the way
+    keys = [key for key in tuned_configs() if key[0] == "qmm_slabs" and key[1][1:3] == (1024, 1024)]
+    assert any(key[1][-1] for key in keys), keys  # tuned as a chain
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = chain(x0)
@@ -328,7 +334,34 @@ def test_gpu_slab_order_chain_in_cuda_graph(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, first)
-    assert max_error(first, expected) <= 0.05 * expected.abs().max().item()
+
+
+def test_chained_gemvs_launch_flags():
+    """Inside chained_gemvs the first GEMV is a plain launch and the next ones are dependents (on Hopper; elsewhere
+    nothing changes); a nested block starts its own chain; break_chain makes the next launch a first one."""
+    launch = qmatmul_gemv_tc._chain_launch
+    assert launch(True) == (False, False) and not qmatmul_gemv_tc.in_chain()
+    with qmatmul_gemv_tc.chained_gemvs():
+        assert qmatmul_gemv_tc.in_chain()
+        assert launch(False) == (False, False)  # no Hopper
+        assert [launch(True) for _ in range(3)] == [(True, False), (True, True), (True, True)]
+        qmatmul_gemv_tc.break_chain()
+        assert launch(True) == (True, False)
+        with qmatmul_gemv_tc.chained_gemvs():
+            assert launch(True) == (True, False)
+        assert launch(True) == (True, True)
+    assert launch(True) == (False, False) and not qmatmul_gemv_tc.in_chain()
+
+
+def test_packing_the_slab_copy_breaks_the_chain():
+    """The GEMV right after its weight was packed must not read it early: packing inside a chain restarts it."""
+    ql = make_layer(40, 256, 4, 128, True, "cpu")
+    with qmatmul_gemv_tc.chained_gemvs():
+        qmatmul_gemv_tc._chain_launch(True)
+        slabs = qmatmul_dispatch.slab_qweight(ql)  # packed now
+        assert qmatmul_gemv_tc._chain_launch(True) == (True, False)
+        assert qmatmul_dispatch.slab_qweight(ql) is slabs  # cached: nothing written
+        assert qmatmul_gemv_tc._chain_launch(True) == (True, True)
 
 
 @pytest.mark.gpu
