@@ -49,7 +49,8 @@ import common  # noqa: E402
 from mlsys_ref.quant import qmatmul_dispatch, qmatmul_gemv_tc  # noqa: E402
 from mlsys_ref.quant.linear import QuantizedLinear  # noqa: E402
 from mlsys_ref.quant.qmatmul import pack_int4_mma, quant_matmul, quant_matmul_eager, quant_matmul_reference  # noqa: E402
-from mlsys_ref.quant.qmatmul_gemv_tc import chained_gemvs, pack_gemv_slabs, tc_gemv_applies  # noqa: E402
+from mlsys_ref.quant.qmatmul_chain import chained_gemvs  # noqa: E402
+from mlsys_ref.quant.qmatmul_gemv_tc import pack_gemv_slabs, tc_gemv_applies  # noqa: E402
 from mlsys_ref.quant.qmatmul_tune import tuned_configs  # noqa: E402
 from mlsys_ref.quant.qmatmul_w8a8 import (quantize_per_token, rms_norm, rms_norm_quantize_per_token, w8a8_linear,  # noqa: E402
                                           w8a8_linear_reference, w8a8_matmul)

@@ -6,7 +6,7 @@ One technique per module: ``primitives`` (absmax / zero-point, int4 packing, fp8
 (quantize_model, save/load), ``evaluation`` (corpus and perplexity); the Triton kernels: ``qmatmul`` (W4A16 /
 W8A16, row-major codes), ``qmatmul_mma`` (int4 in tensor-core fragment order), ``qmatmul_w8a8``;
 ``qmatmul_dispatch`` (which of them QuantizedLinear runs, and the ``use_kernels`` switch), ``qmatmul_gemv_tc``
-(the tensor-core GEMV of M = 1, and ``chained_gemvs`` for GEMVs that follow one another). Tour rows:
+(the tensor-core GEMV of M = 1), ``qmatmul_chain`` (``chained_gemvs``: GEMVs that follow one another). Tour rows:
 ``checks``.
 
 Names below are imported on first use, so that ``python -m mlsys_ref.quant.<module>`` demos run
@@ -23,7 +23,7 @@ _EXPORTS = {
     "gptq_quantize": "gptq", "gptq_reference": "gptq", "rtn_quantize": "gptq",
     "quantize_model": "model", "save_quantized": "model", "load_quantized": "model",
     "quant_matmul": "qmatmul", "pack_int4_mma": "qmatmul_mma", "use_kernels": "qmatmul_dispatch",
-    "chained_gemvs": "qmatmul_gemv_tc",
+    "chained_gemvs": "qmatmul_chain",
 }
 __all__ = list(_EXPORTS)
 

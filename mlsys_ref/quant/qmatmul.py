@@ -70,14 +70,13 @@ is the whole speed-up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from mlsys_ref.backend import (check_kernel_device, default_device, is_interpreter, require_triton, tl,
                                tma_descriptor, triton)
 from mlsys_ref.quant.primitives import dequantize, unpack_int4
-from mlsys_ref.quant.qmatmul_gemv_tc import (gemv_slabs_shape, in_chain, tc_gemv, tc_gemv_applies, tc_gemv_configs,
+from mlsys_ref.quant.qmatmul_chain import chain_timing, in_chain
+from mlsys_ref.quant.qmatmul_gemv_tc import (gemv_slabs_shape, tc_gemv, tc_gemv_applies, tc_gemv_configs,
                                               unpack_gemv_slabs)
 from mlsys_ref.quant.qmatmul_kernels import _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
 from mlsys_ref.quant.qmatmul_mma import UNIT, mma_launch, mma_words, pack_int4_mma, unpack_int4_mma
@@ -313,7 +312,7 @@ def _gemv_x_words(x: torch.Tensor) -> torch.Tensor:
 
 def _launch_slabs(x2, slabs, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:
     """The slab order (pack_gemv_slabs): what QuantizedLinear runs at M = 1 where the tensor-core GEMV applies.
-    Inside ``chained_gemvs()`` the configs are tuned apart, timed in a chain (:func:`_chain_timing`)."""
+    Inside ``chained_gemvs()`` the configs are tuned apart, timed in a chain (``qmatmul_chain.chain_timing``)."""
     K = x2.shape[1]
     if not tc_gemv_applies(4, K, group_size, x2.dtype):
         raise ValueError("int4 qweight in slab order (pack_gemv_slabs) runs only on the tensor-core GEMV "
@@ -328,31 +327,10 @@ def _launch_slabs(x2, slabs, scales, zeros, bias, group_size, out, config=None) 
     if config is None:
         chained = in_chain()
         key = ("slabs", out.shape[1], K, group_size, zeros is not None, bias is not None, x2.dtype, chained)
-        timing, repeat = _chain_timing(xv, slabs, scales, zeros, b, out[0], K, group_size) if chained else (run, 1)
+        timing, repeat = (chain_timing(lambda cfg, w: tc_gemv(xv, *w, b, out[0], K, group_size, cfg), (slabs, scales, zeros))
+                          if chained else (run, 1))
         config = pick_config("qmm_slabs", key, tc_gemv_configs(), timing, repeat)
     return run(config)
-
-
-def _chain_timing(xv, slabs, scales, zeros, b, out, K, group_size) -> tuple[Callable[[dict], object], int]:
-    """(launch, repeat) for the tuner to time GEMVs that follow one another: each launch reads the next of
-    ``repeat`` scratch copies of the weight, together twice the L2 or more (as the chain of a decode step reads
-    fresh weights each time). Allocated on the first timed launch, freed with the tuner's graphs; their contents
-    (uninitialized) do not change the time."""
-    weight_bytes = sum(t.numel() * t.element_size() for t in (slabs, scales, zeros) if t is not None)
-    l2_bytes = torch.cuda.get_device_properties(slabs.device).L2_cache_size
-    repeat = max(2, min(32, triton.cdiv(2 * l2_bytes, weight_bytes)))
-    copies: list[tuple] = []
-
-    def launch(cfg: dict) -> None:
-        if not copies:
-            copies.extend(tuple(None if t is None else torch.empty_like(t) for t in (slabs, scales, zeros))
-                          for _ in range(repeat))
-        w, s, z = copies[launch.turn % repeat]
-        launch.turn += 1
-        tc_gemv(xv, w, s, z, b, out, K, group_size, cfg)
-
-    launch.turn = 0
-    return launch, repeat
 
 
 def _launch_mma(x2, packed, scales, zeros, bias, group_size, out, config=None) -> torch.Tensor:

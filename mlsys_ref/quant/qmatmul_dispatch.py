@@ -15,7 +15,7 @@ timed once per shape and the faster is kept (``quantized_linear``). The module k
 storage format and state dict) and packs a cached copy in the order a kernel needs on first use -- fragment
 order for M > 1, slab order for M = 1 -- so the price of speed is memory: a decode-only model on the GPU holds
 two copies of the codes (1 byte a weight, as int8), a model that also prefills three. Layers whose GEMVs follow
-one another (q, k, v of a token; gate and up) can run inside ``qmatmul_gemv_tc.chained_gemvs()``: on Hopper
+one another (q, k, v of a token; gate and up) can run inside ``qmatmul_chain.chained_gemvs()``: on Hopper
 each GEMV then starts while the one before it finishes.
 """
 
@@ -27,7 +27,8 @@ import torch
 
 from mlsys_ref.backend import HAS_TRITON, default_device, is_interpreter, triton
 from mlsys_ref.quant.qmatmul import quant_matmul
-from mlsys_ref.quant.qmatmul_gemv_tc import break_chain, pack_gemv_slabs, tc_gemv_applies
+from mlsys_ref.quant.qmatmul_chain import break_chain
+from mlsys_ref.quant.qmatmul_gemv_tc import pack_gemv_slabs, tc_gemv_applies
 from mlsys_ref.quant.qmatmul_mma import UNIT, pack_int4_mma
 from mlsys_ref.quant.qmatmul_tune import gemm_configs, gemv_configs, pick_config
 from mlsys_ref.quant.qmatmul_wgmma import wgmma_applies

@@ -22,15 +22,15 @@ touches shared memory or waits on a barrier; a warp's loads run DEPTH units ahea
 What the bandwidth took (H100, quant_notes.md, twelfth and thirteenth sessions), beyond the arithmetic:
 - **Slab order** (``pack_gemv_slabs``): the same words, stored so that each 16-row x 128-code unit is one 1 KB
   piece, [N/16, units, 16, 16]. From row-major codes a warp's unit is 16 pieces of 64 bytes, 2·K/8 bytes apart.
-  Alone: 12.2 and 12.4 µs at 11008 x 4096 and 4096 x 11008 (62-63% of copy), from 12.9 and 13.4 µs.
+  Alone: 12.1 and 12.5 µs at 11008 x 4096 and 4096 x 11008 (64% and 61% of copy), from 12.9 and 13.4 µs.
 - **Registers**: a program's register count sets how many programs an SM holds, so how many waves the grid
   takes. Written as below, 8 warps x 32 rows take 80 registers a thread (three programs an SM); an earlier
   version of the same loop took 102 (two) and ran 14.9 instead of 12.2 µs at 11008 x 4096.
-- **Programmatic dependent launch** for GEMVs that follow one another (:func:`chained_gemvs`, Hopper): the
+- **Programmatic dependent launch** for GEMVs that follow one another (``qmatmul_chain.chained_gemvs``): the
   kernel issues its first weight loads, then waits for the kernel before it (``griddepcontrol.wait``; only x
   can depend on it) and at once lets the next one start, so back-to-back GEMVs overlap one's ramp with the
   other's tail (a call's fixed cost, launch and HBM ramp, is ~2.4 µs in a CUDA graph even for a plain read).
-  Chained: 10.3 and 10.6 µs (75% and 72% of copy). Not for a GEMV after PyTorch's kernels, which do not
+  Chained: 10.4 and 11.0 µs (74% and 70% of copy). Not for a GEMV after PyTorch's kernels, which do not
   trigger their dependents: there the launch as a dependent cost ~0.3 µs (a decode 2% slower).
 
 Why Gluon: plain Triton chooses the register layouts itself, and for one-warp MMAs its choice sends the operands
@@ -51,59 +51,18 @@ ahead, a persistent grid of one or two programs an SM, a register cap (quant_not
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from mlsys_ref.backend import HAS_GLUON, gl, gluon, is_interpreter, triton
+from mlsys_ref.quant.qmatmul_chain import chain_launch
 from mlsys_ref.quant.qmatmul_mma import _halves, _slot_shifts
 from mlsys_ref.quant.qmatmul_ptx import mma_unit_ptx
 
 __all__ = ["tc_gemv", "tc_gemv_applies", "tc_gemv_configs", "tc_gemv_torch", "slot_order", "unit_slots_from_words",
-           "pack_gemv_slabs", "unpack_gemv_slabs", "gemv_slabs_shape", "chained_gemvs", "in_chain", "break_chain"]
+           "pack_gemv_slabs", "unpack_gemv_slabs", "gemv_slabs_shape"]
 
 if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-
-# -- programmatic dependent launch for GEMVs that follow one another ----------------------------------------------
-_CHAIN: list[list[bool]] = []  # one entry per open chained_gemvs() block: [whether a GEMV was launched in it]
-
-
-@contextlib.contextmanager
-def chained_gemvs():
-    """``with chained_gemvs():`` -- the GEMVs launched in the block follow one another (q, k, v of one token; gate
-    and up), so on Hopper each may start while the one before it finishes. Every GEMV of the block is compiled to
-    wait for the kernel before it only where it reads x and to let the next kernel start at once; every one but
-    the first is launched as a dependent (programmatic dependent launch). The caller's promise: the kernel just
-    before a GEMV of the block does not write that GEMV's weight (its first words are read before the wait); x,
-    scales and the output are safe whatever ran before. Elsewhere (no Hopper, the interpreter) the block changes
-    nothing. Not the default: after PyTorch's kernels, which never let a dependent start early, a dependent launch
-    only costs (~0.3 µs a GEMV, quant_notes.md)."""
-    _CHAIN.append([False])
-    try:
-        yield
-    finally:
-        _CHAIN.pop()
-
-
-def in_chain() -> bool:
-    """Whether a :func:`chained_gemvs` block is open (the M = 1 tuner keys and times its configs by it)."""
-    return bool(_CHAIN)
-
-
-def break_chain() -> None:
-    """The next GEMV of the open block is launched as a first one (e.g. after its weight was just written)."""
-    if _CHAIN:
-        _CHAIN[-1][0] = False
-
-
-def _chain_launch(hopper: bool) -> tuple[bool, bool]:
-    """(compile with the PDL instructions, launch as a dependent) for a GEMV launched now; marks the launch."""
-    if not (_CHAIN and hopper):
-        return False, False
-    dependent, _CHAIN[-1][0] = _CHAIN[-1][0], True
-    return True, dependent
-
 
 # -- the algorithm in PyTorch (CPU-checkable): the slot order, the bit work, the warps' split of K -----------------
 def slot_order() -> torch.Tensor:
@@ -157,9 +116,9 @@ def tc_gemv_applies(bits: int, K: int, group_size: int, x_dtype: torch.dtype) ->
 def tc_gemv_configs() -> list[dict]:
     """(W warps, SPW 16-row slabs, DEPTH units of weight words in flight per warp). H100 sweep (triton 3.6, slab
     order; quant_notes.md, thirteenth session): alone, 8 warps x 32 rows at 11008 x 4096 (12.2 µs), 16 x 16 rows
-    at 4096 x 11008 and 4096² (12.6, 6.2 µs); chained, the same at 10.3, 10.6 and 4.7 µs, 8 x 16 rows at
-    8192 x 2048 (4.6 µs), DEPTH 2 at 2048 x 8192 (5.2 µs)."""
-    table = [(8, 2, 1), (16, 1, 2), (16, 1, 1), (16, 2, 1), (8, 1, 2), (8, 1, 1)]
+    at 4096 x 11008 and 4096² (12.6, 6.2 µs); chained, the same at 10.4, 11.0 (DEPTH 2) and 4.9 µs, 8 x 16 rows
+    at 8192 x 2048 (4.7 µs), 32 x 16 rows at 2048 x 8192 (5.2 µs)."""
+    table = [(8, 2, 1), (16, 1, 2), (16, 1, 1), (16, 2, 1), (8, 1, 2), (8, 1, 1), (32, 1, 1)]
     return [dict(W=w, SPW=spw, DEPTH=depth) for w, spw, depth in table]
 
 
@@ -323,10 +282,10 @@ def tc_gemv(x_words: torch.Tensor, w_words: torch.Tensor, scales: torch.Tensor, 
     """out [N] = W x for one row x, given as int32 words [K/2] of its 16-bit values; w_words: the int4 codes as
     int32 words, row-major [N, K/8] or in slab order (:func:`pack_gemv_slabs`, 4-D); symmetric codes stored +8,
     as QuantizedLinear does. The caller validated the formats and checked :func:`tc_gemv_applies`. Inside
-    :func:`chained_gemvs` on Hopper the kernel is launched with programmatic dependent launch (see there)."""
+    ``qmatmul_chain.chained_gemvs()`` on Hopper the kernel is launched as a programmatic dependent."""
     N, slabs = out.shape[0], w_words.dim() == 4
     W, SPW = config["W"], config["SPW"]
-    pdl, dependent = _chain_launch(torch.cuda.get_device_capability(out.device)[0] >= 9)
+    pdl, dependent = chain_launch(torch.cuda.get_device_capability(out.device)[0] >= 9)
     _tc_gemv_kernel[(triton.cdiv(N, 16 * SPW),)](
         x_words, w_words, scales, zeros if zeros is not None else scales, bias if bias is not None else out, out,
         N, K, triton.cdiv(triton.cdiv(K, 128), W), w_words.stride(0), scales.stride(0), scales.stride(1),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlsys_ref.quant import qmatmul, qmatmul_dispatch, qmatmul_gemv_tc
+from mlsys_ref.quant import qmatmul, qmatmul_chain, qmatmul_dispatch, qmatmul_gemv_tc
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.primitives import unpack_int4
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
@@ -299,7 +299,7 @@ def test_gpu_every_tensor_core_gemv_config_slab_order(N, K, group, symmetric, dt
     b = ql.bias.to(dtype) if bias else None
     slabs = qmatmul_gemv_tc.pack_gemv_slabs(ql.qweight)
     for config, chained in itertools.product(tc_gemv_configs(), (False, True)):
-        with qmatmul_gemv_tc.chained_gemvs() if chained else contextlib.nullcontext():
+        with qmatmul_chain.chained_gemvs() if chained else contextlib.nullcontext():
             first = check_slabs(x, ql, config=config, bias=b)
             again = [quant_matmul(x, slabs, ql.scales, ql.zeros, bits=4, bias=b, config=config) for _ in range(3)]
         assert all(torch.equal(y, first) for y in again)
@@ -315,7 +315,7 @@ def test_gpu_slab_order_chain_in_cuda_graph():
     x0 = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
 
     def chain(x):
-        with qmatmul_gemv_tc.chained_gemvs():
+        with qmatmul_chain.chained_gemvs():
             for ql, s in zip(layers, slabs):
                 x = quant_matmul(x, s, ql.scales, bits=4) / 8
         return x
@@ -339,29 +339,29 @@ def test_gpu_slab_order_chain_in_cuda_graph():
 def test_chained_gemvs_launch_flags():
     """Inside chained_gemvs the first GEMV is a plain launch and the next ones are dependents (on Hopper; elsewhere
     nothing changes); a nested block starts its own chain; break_chain makes the next launch a first one."""
-    launch = qmatmul_gemv_tc._chain_launch
-    assert launch(True) == (False, False) and not qmatmul_gemv_tc.in_chain()
-    with qmatmul_gemv_tc.chained_gemvs():
-        assert qmatmul_gemv_tc.in_chain()
+    launch = qmatmul_chain.chain_launch
+    assert launch(True) == (False, False) and not qmatmul_chain.in_chain()
+    with qmatmul_chain.chained_gemvs():
+        assert qmatmul_chain.in_chain()
         assert launch(False) == (False, False)  # no Hopper
         assert [launch(True) for _ in range(3)] == [(True, False), (True, True), (True, True)]
-        qmatmul_gemv_tc.break_chain()
+        qmatmul_chain.break_chain()
         assert launch(True) == (True, False)
-        with qmatmul_gemv_tc.chained_gemvs():
+        with qmatmul_chain.chained_gemvs():
             assert launch(True) == (True, False)
         assert launch(True) == (True, True)
-    assert launch(True) == (False, False) and not qmatmul_gemv_tc.in_chain()
+    assert launch(True) == (False, False) and not qmatmul_chain.in_chain()
 
 
 def test_packing_the_slab_copy_breaks_the_chain():
     """The GEMV right after its weight was packed must not read it early: packing inside a chain restarts it."""
     ql = make_layer(40, 256, 4, 128, True, "cpu")
-    with qmatmul_gemv_tc.chained_gemvs():
-        qmatmul_gemv_tc._chain_launch(True)
+    with qmatmul_chain.chained_gemvs():
+        qmatmul_chain.chain_launch(True)
         slabs = qmatmul_dispatch.slab_qweight(ql)  # packed now
-        assert qmatmul_gemv_tc._chain_launch(True) == (True, False)
+        assert qmatmul_chain.chain_launch(True) == (True, False)
         assert qmatmul_dispatch.slab_qweight(ql) is slabs  # cached: nothing written
-        assert qmatmul_gemv_tc._chain_launch(True) == (True, True)
+        assert qmatmul_chain.chain_launch(True) == (True, True)
 
 
 @pytest.mark.gpu
