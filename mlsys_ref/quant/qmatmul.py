@@ -327,8 +327,11 @@ def _launch_slabs(x2, slabs, scales, zeros, bias, group_size, out, config=None) 
     if config is None:
         chained = in_chain()
         key = ("slabs", out.shape[1], K, group_size, zeros is not None, bias is not None, x2.dtype, chained)
-        timing, repeat = (chain_timing(lambda cfg, w: tc_gemv(xv, *w, b, out[0], K, group_size, cfg), (slabs, scales, zeros))
-                          if chained else (run, 1))
+        if chained:  # timed back to back, each call on the next scratch copy of the weight
+            timing, repeat = chain_timing(lambda cfg, w: tc_gemv(xv, *w, b, out[0], K, group_size, cfg),
+                                          (slabs, scales, zeros))
+        else:
+            timing, repeat = run, 1
         config = pick_config("qmm_slabs", key, tc_gemv_configs(), timing, repeat)
     return run(config)
 
