@@ -26,7 +26,7 @@ from mlsys_ref.backend import triton
 
 __all__ = ["chained_gemvs", "in_chain", "break_chain", "chain_launch", "chain_timing"]
 
-_CHAIN: list[list[bool]] = []  # one entry per open chained_gemvs() block: [whether a GEMV was launched in it]
+_CHAIN: list[bool] = []  # one entry per open chained_gemvs() block: whether a GEMV was launched in it
 
 
 @contextlib.contextmanager
@@ -37,7 +37,7 @@ def chained_gemvs():
     dependent. The caller's promise: the kernel just before a GEMV of the block does not write that GEMV's weight
     (its first words are read before the wait); x, scales and the output are safe whatever ran before. Elsewhere
     (no Hopper, the interpreter, the other kernels) the block changes nothing."""
-    _CHAIN.append([False])
+    _CHAIN.append(False)
     try:
         yield
     finally:
@@ -52,14 +52,14 @@ def in_chain() -> bool:
 def break_chain() -> None:
     """The next GEMV of the open block is launched as a first one (e.g. after its weight was just written)."""
     if _CHAIN:
-        _CHAIN[-1][0] = False
+        _CHAIN[-1] = False
 
 
 def chain_launch(hopper: bool) -> tuple[bool, bool]:
     """(compile with the PDL instructions, launch as a dependent) for a GEMV launched now; marks the launch."""
     if not (_CHAIN and hopper):
         return False, False
-    dependent, _CHAIN[-1][0] = _CHAIN[-1][0], True
+    dependent, _CHAIN[-1] = _CHAIN[-1], True
     return True, dependent
 
 
@@ -73,12 +73,13 @@ def chain_timing(launch: Callable[[dict, tuple], object],
     l2_bytes = torch.cuda.get_device_properties(tensors[0].device).L2_cache_size
     repeat = max(2, min(32, triton.cdiv(2 * l2_bytes, weight_bytes)))
     copies: list[tuple] = []
-    turn = [0]
+    turn = 0
 
     def timed(config: dict) -> None:
+        nonlocal turn
         if not copies:
             copies.extend(tuple(None if t is None else torch.empty_like(t) for t in tensors) for _ in range(repeat))
-        launch(config, copies[turn[0] % repeat])
-        turn[0] += 1
+        launch(config, copies[turn % repeat])
+        turn += 1
 
     return timed, repeat

@@ -184,18 +184,19 @@ def _griddepcontrol(t, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _unit_of(warp, u, units_per_warp):
-    """(ku, live) of a warp's u-th unit: its first code, and whether the unit is in the warp's share. Past the
-    share the index wraps to the share's start, so that the (masked) addresses stay inside the weight."""
-    return 128 * (warp * units_per_warp + u % units_per_warp), u < units_per_warp
+def _unit_of(warp, u, units_per_warp, K):
+    """(ku, live) of a warp's u-th unit: its first code, and whether the unit is in the warp's share and in K.
+    Past the share the index wraps to the share's start, so that the (masked) addresses stay inside the weight."""
+    ku = 128 * (warp * units_per_warp + u % units_per_warp)
+    return ku, (u < units_per_warp) & (ku < K)
 
 
 @gluon.jit
 def _unit_words(w_ptrs, warp, u, units_per_warp, K, row_live, word, SLABS: gl.constexpr):
     """The weight words of a warp's u-th unit, [W, 16·SPW, 16] (zero past K, past N and past the warp's share)."""
-    ku, live = _unit_of(warp, u, units_per_warp)
+    ku, live = _unit_of(warp, u, units_per_warp, K)
     step = gl.multiple_of(2 * ku, 256) if SLABS else gl.multiple_of(ku // 8, 16)  # a unit: 256 or 16 words on
-    mask = row_live & ((live & (ku < K))[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K))
+    mask = row_live & (live[:, None, None] & (ku[:, None, None] + 32 * (word // 4)[None, None, :] < K))
     return gl.load(w_ptrs + step[:, None, None], mask=mask, other=0)
 
 
@@ -206,15 +207,15 @@ def _unit_product(acc, p, x_ptr, s_ptr, z_ptr, warp, warp_r, u, units_per_warp, 
     """acc + s·(the unit's codes · x) (- z·Σx): one MMA of the warp's u-th unit, scaled per row."""
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    ku, live = _unit_of(warp, u, units_per_warp)
+    ku, live = _unit_of(warp, u, units_per_warp, K)
     a = gl.convert_layout(_weight_operand(p, ASM, DTYPE, W, SPW), a_layout)
-    xs = gl.convert_layout(_x_operand(x_ptr, ku, live & (ku < K), K, DTYPE, x_words, W), b_layout)
+    xs = gl.convert_layout(_x_operand(x_ptr, ku, live, K, DTYPE, x_words, W), b_layout)
     part = mma_v2(a, xs, gl.zeros_like(acc))
-    ku_r, live_r = _unit_of(warp_r, u, units_per_warp)
+    ku_r, live_r = _unit_of(warp_r, u, units_per_warp, K)
     unit = ku_r // 128
     g = 0 * unit if GROUP_UNITS == 0 else unit // GROUP_UNITS
     sz = offs_n[None, :] * stride_sn + g[:, None] * stride_sg
-    sz_mask = (live_r & (ku_r < K))[:, None] & n_mask[None, :]
+    sz_mask = live_r[:, None] & n_mask[None, :]
     s = gl.load(s_ptr + sz, mask=sz_mask, other=0).to(gl.float32)
     if HAS_ZEROS:  # Σ x·(u - z) = Σ x·u - z·Σ x; column 0 of Σ_k B is Σ x, the others 0
         x_sum = gl.convert_layout(gl.sum(xs.to(gl.float32), axis=1), gl.SliceLayout(1, mma))
