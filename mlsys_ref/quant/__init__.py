@@ -4,7 +4,7 @@ One technique per module: ``primitives`` (absmax / zero-point, int4 packing, fp8
 (QuantizedLinear and the storage format the kernels read), ``llm_int8`` (Dettmers et al. 2022),
 ``smoothquant`` (Xiao et al. 2023), ``gptq`` (Frantar et al. 2022, with RTN), ``model``
 (quantize_model, save/load), ``evaluation`` (corpus and perplexity); the Triton kernels: ``qmatmul`` (W4A16 /
-W8A16, row-major codes), ``qmatmul_mma`` (int4 in tensor-core fragment order), ``qmatmul_w8a8``;
+W8A16: the front, validation and autograd; ``qmatmul_launch`` the launches per code order), ``qmatmul_mma`` (int4 in tensor-core fragment order), ``qmatmul_w8a8``;
 ``qmatmul_dispatch`` (which of them QuantizedLinear runs, and the ``use_kernels`` switch), ``qmatmul_gemv_tc``
 (the tensor-core GEMV of M = 1), ``qmatmul_chain`` (``chained_gemvs``: GEMVs that follow one another). Tour rows:
 ``checks``.

@@ -27,7 +27,7 @@ word (``mma_unit_ptx(..., scaled=True)``) gives (u - 8)·s as bf16x2/f16x2: four
 shift-LOP3-SUB-MUL, rounded once as dequantize-then-matmul rounds them.
 
 Covers int4, symmetric codes (no zero points), 16-bit x with 16-byte aligned rows, groups of whole 128-code
-units (or one per row), bias, split-K (fp32 partials summed by ``qmatmul._reduce_splits``). Gluon does not run
+units (or one per row), bias, split-K (fp32 partials summed by ``qmatmul_launch._reduce_splits``). Gluon does not run
 under the interpreter: this is a GPU-only candidate of the fragment-layout path (``quant_matmul`` with an
 int32 qweight), whose Triton kernel (:mod:`qmatmul_mma`) computes the same product on every backend.
 """

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlsys_ref.quant import qmatmul, qmatmul_chain, qmatmul_dispatch, qmatmul_gemv_tc
+from mlsys_ref.quant import qmatmul, qmatmul_chain, qmatmul_dispatch, qmatmul_gemv_tc, qmatmul_launch
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.primitives import unpack_int4
 from mlsys_ref.quant.qmatmul import quant_matmul, quant_matmul_eager, quant_matmul_reference
@@ -23,9 +23,9 @@ def one_config(monkeypatch, request):
     compiles once; tests named ``*autotuned`` keep every candidate (the interpreter has one anyway)."""
     if "autotuned" in request.node.name:
         return
-    gemv_configs, gemm_configs = qmatmul.gemv_configs, qmatmul.gemm_configs
-    monkeypatch.setattr(qmatmul, "gemv_configs", lambda bits=4: gemv_configs(bits)[:1])
-    monkeypatch.setattr(qmatmul, "gemm_configs", lambda M: gemm_configs(M)[:1])
+    gemv_configs, gemm_configs = qmatmul_launch.gemv_configs, qmatmul_launch.gemm_configs
+    monkeypatch.setattr(qmatmul_launch, "gemv_configs", lambda bits=4: gemv_configs(bits)[:1])
+    monkeypatch.setattr(qmatmul_launch, "gemm_configs", lambda M: gemm_configs(M)[:1])
 
 
 def make_layer(N, K, bits, group, symmetric, device, act_order=False, bias=False, scale_dtype=torch.float32,

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from mlsys_ref.quant import qmatmul, qmatmul_dispatch
+from mlsys_ref.quant import qmatmul, qmatmul_dispatch, qmatmul_tune
 from mlsys_ref.quant.linear import QuantizedLinear
 from mlsys_ref.quant.primitives import pack_int4
 from mlsys_ref.quant.qmatmul import pack_int4_mma, quant_matmul, quant_matmul_eager, quant_matmul_reference
@@ -149,7 +149,7 @@ def test_gpu_every_config(M, N, K, group, symmetric, dtype):
     """Every tuned config of M's bucket (inline PTX, TMA, split-K in and out of the kernel), bf16 and fp16."""
     ql = make_layer(N, K, group, symmetric, "cuda", scale_dtype=dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
-    for config in qmatmul.mma_configs(M):
+    for config in qmatmul_tune.mma_configs(M):
         check(x, ql, config=config)
 
 
