@@ -355,7 +355,7 @@ def targets_note(rows: list[dict]) -> str:
         lines.append(f"| W4A16 M = 1 weight bandwidth, % of copy: GEMVs back to back in chained_gemvs() (judged on the "
                      f"large shapes; in brackets: one lone GEMV as QuantizedLinear runs it outside a chain / the same "
                      f"codes read with no arithmetic) | 70% | 85% | {shown} | "
-                     f"{'yes' if large and min(large) >= 70 else 'NO'} |")
+                     f"{('yes' if min(large) >= 70 else 'NO') if large else 'n/a (no large shape in this run)'} |")
     return "\n".join(lines)
 
 
